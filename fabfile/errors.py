@@ -21,6 +21,7 @@ caught in :func:`host_errors`, which maps them to the tree with ``raise … from
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import Iterator
 
@@ -142,8 +143,9 @@ def host_errors(host: str, action: str, *, known_hosts: tuple[str, ...] = (),
         raise HostKeyError(
             host,
             f"the host key CHANGED, refusing to {action}: {name} now offers "
-            f"{exc.key.get_name()} SHA256:{_sha256(exc.key)}, but {', '.join(stale) or
-            'known_hosts'} has SHA256:{_sha256(exc.expected_key)}. This can be an attack; "
+            f"{exc.key.get_name()} SHA256:{_sha256(exc.key)}, but "
+            f"{', '.join(stale) or 'known_hosts'} has SHA256:{_sha256(exc.expected_key)}. "
+            "This can be an attack; "
             "or the host was reinstalled. Only if you know why it changed, remove the old "
             f"entry with {fix}, then add the new key (`host_key_policy: accept-new` or "
             "ssh-keyscan).",
@@ -155,14 +157,21 @@ def host_errors(host: str, action: str, *, known_hosts: tuple[str, ...] = (),
             "`key_file` in the inventory, that the key is loaded (`ssh-add -l`) if it has a "
             "passphrase, and that its public half is in ~/.ssh/authorized_keys on the host.",
         ) from exc
+    except paramiko.ssh_exception.NoValidConnectionsError as exc:
+        reasons = {os.strerror(e.errno) if e.errno else str(e) for e in exc.errors.values()}
+        raise ConnectError(
+            host,
+            f"could not {action}: {'; '.join(sorted(reasons))} (nothing accepts SSH "
+            "connections there). Check that the host is up and sshd is running, and that "
+            "`hostname` and `port` in the inventory are right.",
+        ) from exc
     except (socket.timeout, TimeoutError) as exc:
         raise ConnectError(
             host,
             f"timed out while trying to {action}. Check that the host is up and the port "
             "is right, or raise `connect_timeout` in the inventory.",
         ) from exc
-    except (paramiko.ssh_exception.NoValidConnectionsError, ConnectionError, socket.gaierror,
-            OSError) as exc:
+    except (ConnectionError, socket.gaierror, OSError) as exc:
         raise ConnectError(
             host,
             f"could not {action}: {exc}. Check that the host is up, that `hostname` and "

@@ -1,0 +1,25 @@
+"""fabfleet: run work on your own SSH machines from one inventory file.
+
+The library behind ``tasks.py``; import it from your own fabfile, notebook or script::
+
+    from fabfile import Inventory, check_env, remote
+    inv = Inventory.load("inventory.yaml")
+    with inv.connect("ws1") as c:
+        print(check_env(c))
+"""
+
+from .connection import FleetConnection, connect
+from .errors import (
+    AuthError, CommandError, ConnectError, FanOutError, FleetError, HostError, HostKeyError,
+    InventoryError, LocalError, PythonMismatchError, RemoteError, TransferError,
+)
+from .facts import check_env, check_hosts
+from .fanout import FanOutResult, Outcome, fan_out
+from .inventory import Host, Inventory, find_inventory
+
+__all__ = [
+    "AuthError", "CommandError", "ConnectError", "FanOutError", "FanOutResult",
+    "FleetConnection", "FleetError", "Host", "HostError", "HostKeyError", "Inventory",
+    "InventoryError", "LocalError", "Outcome", "PythonMismatchError", "RemoteError",
+    "TransferError", "check_env", "check_hosts", "connect", "fan_out", "find_inventory",
+]

@@ -1,0 +1,91 @@
+"""Every remote command line is built here, with every value ``shlex.quote``d.
+
+Commands are POSIX ``sh``: they are wrapped in ``sh -c '…'`` so that a user whose login
+shell is fish or tcsh gets the same behaviour.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Mapping
+
+from .inventory import Host
+
+q = shlex.quote
+
+
+def path(p: str) -> str:
+    """Quote a remote path, keeping a leading ``~`` meaning the remote home."""
+    if p == "~":
+        return '"$HOME"'
+    if p.startswith("~/"):
+        return '"$HOME"/' + q(p[2:])
+    return q(p)
+
+
+def join(parts: Iterable[str]) -> str:
+    """Quote each word and join them: ``join(["ls", "a b"]) == "ls 'a b'"``."""
+    return " ".join(q(p) for p in parts)
+
+
+def sh(script: str) -> str:
+    """``sh -c SCRIPT`` so the remote login shell does not matter."""
+    return f"sh -c {q(script)}"
+
+
+def exports(env: Mapping[str, str]) -> str:
+    """``export A='x' B='y';`` (names were validated by the inventory)."""
+    if not env:
+        return ""
+    return "export " + " ".join(f"{k}={q(v)}" for k, v in env.items()) + "; "
+
+
+# Where conda usually lives when it is not on a non-interactive PATH.
+_CONDA_GUESSES = ("$CONDA_EXE", "$HOME/miniforge3/bin/conda", "$HOME/mambaforge/bin/conda",
+                  "$HOME/miniconda3/bin/conda", "$HOME/anaconda3/bin/conda",
+                  "/opt/conda/bin/conda", "/opt/miniconda3/bin/conda")
+
+
+def activation(host: Host, venv: str | None = None) -> str:
+    """Shell that activates the host's venv or conda env (``""`` if it has none).
+
+    Fails (non-zero) with a message on stderr when the env does not activate. ``venv``
+    overrides the inventory's (e.g. the one ``setup-workdir --requirements`` made).
+    """
+    venv = venv or host.venv
+    if venv:
+        activate = f"{path(venv.rstrip('/'))}/bin/activate"
+        return (f"{{ [ -f {activate} ] && . {activate}; }} || "
+                f"{{ echo {q(f'fabfleet: venv {venv} does not exist or does not activate')} >&2;"
+                " false; }")
+    if host.conda_env:
+        guesses = " ".join(f'"{g}"' for g in _CONDA_GUESSES)
+        missing = q("fabfleet: conda not found (tried PATH, $CONDA_EXE, ~/miniforge3, "
+                    "~/miniconda3, ~/anaconda3, /opt/conda)")
+        failed = q(f"fabfleet: `conda activate {host.conda_env}` failed")
+        return (
+            'fabfleet_conda=$(command -v conda 2>/dev/null); '
+            f'for c in {guesses}; do [ -z "$fabfleet_conda" ] && [ -x "$c" ] && '
+            'fabfleet_conda=$c; done; '
+            f'{{ [ -n "$fabfleet_conda" ] || {{ echo {missing} >&2; false; }}; }} && '
+            '. "$("$fabfleet_conda" info --base)/etc/profile.d/conda.sh" && '
+            f'{{ conda activate {q(host.conda_env)} || {{ echo {failed} >&2; false; }}; }}'
+        )
+    return ""
+
+
+def in_env(host: Host, command: str, *, venv: str | None = None, cwd: str | None = None) -> str:
+    """``command`` run inside the host's env: activation, ``env`` exports, then ``cd``."""
+    parts = []
+    act = activation(host, venv)
+    if act:
+        parts.append(f"{{ {act}; }} || exit 97")
+    if cwd:
+        parts.append(f"cd {path(cwd)} || exit 96")
+    return sh(exports(host.env) + " && ".join(parts + [command]))
+
+
+# Exit codes in_env uses for its own failures, so callers can tell them from the script's.
+EXIT_ENV_FAILED = 97
+EXIT_CWD_FAILED = 96
+EXIT_NOT_FOUND = 127
