@@ -1,0 +1,104 @@
+"""Real SSH hosts for the tests: the testbed's containers, started by pytest-docker.
+
+The tests' hosts listen on 127.0.0.1:23xx (the demo's on 22xx), so both can run at
+once. Every test gets the user's ~/.ssh/config and known_hosts kept out of the way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import testbed
+from fabfile import Inventory
+
+PREFIX = 23
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["FABFLEET_PORT_PREFIX"] = str(PREFIX)  # read by docker-compose.yml
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command():
+    return "docker-compose"  # Debian ships Compose v1 only
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file():
+    testbed.ensure_key()
+    testbed.ensure_docker()
+    return str(testbed.COMPOSE_FILE)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name():
+    return "fabfleet-tests"
+
+
+@pytest.fixture(scope="session")
+def docker_setup():
+    return ["up --build -d"]  # Compose v1 ignores --wait and starts nothing
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup():
+    return ["down -v"]
+
+
+@pytest.fixture(scope="session")
+def fleet(docker_services, tmp_path_factory):
+    """The running testbed: ``fleet.inventory_path``, ``fleet.known_hosts``, ``fleet.port()``."""
+    for name in testbed.HOSTS:
+        docker_services.wait_until_responsive(
+            check=lambda n=name: testbed.ssh_ready(testbed.port(n, PREFIX)),
+            timeout=60, pause=0.1)
+    state = tmp_path_factory.mktemp("fleet")
+    known = testbed.scan_host_keys(PREFIX, state / "known_hosts")
+    path = state / "inventory.yaml"
+    path.write_text(testbed.inventory_text(PREFIX, known))
+
+    class Fleet:
+        inventory_path = path
+        known_hosts = known
+        prefix = PREFIX
+        compose_project = "fabfleet-tests"
+
+        @staticmethod
+        def port(name: str) -> int:
+            return testbed.port(name, PREFIX)
+
+        @staticmethod
+        def inventory() -> Inventory:
+            return Inventory.load(path)
+
+        @staticmethod
+        def container(name: str) -> str:
+            return f"fabfleet-tests_{name}_1"
+
+    return Fleet
+
+
+@pytest.fixture(autouse=True)
+def _isolated_ssh(tmp_path_factory, monkeypatch):
+    """Keep the developer's ~/.ssh out: empty ssh config, a throwaway home."""
+    home = tmp_path_factory.mktemp("home")
+    empty = home / "ssh_config"
+    empty.write_text("")
+    monkeypatch.setenv("FABFLEET_SSH_CONFIG", str(empty))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("FABFLEET_INVENTORY", raising=False)
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+def inv_cli(*args: str, inventory: Path | None = None, cwd: Path | None = None,
+            timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``inv ARGS`` as a user would (this repo's tasks.py), capture everything."""
+    full_env = {**os.environ, **(env or {})}
+    if inventory is not None:
+        full_env["FABFLEET_INVENTORY"] = str(inventory)
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+                          capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd or ROOT)
