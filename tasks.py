@@ -11,14 +11,23 @@ import json
 import sys
 
 from invoke import Collection, Exit, task
-from rich.console import Console
-from rich.table import Table
 
 import fabfile
 from fabfile import FleetError, Inventory
 
-# Pipes and CI logs get wide tables instead of rich's 80-column default.
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+@functools.lru_cache(maxsize=None)
+def console():
+    """rich's console, imported on first use (``--json`` runs never pay for it)."""
+    from rich.console import Console
+    # Pipes and CI logs get wide tables instead of rich's 80-column default.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+
+
+def Table(*args, **kwargs):  # noqa: N802 - stands in for rich.table.Table
+    from rich.table import Table as RichTable
+    return RichTable(*args, **kwargs)
 
 SELECT_HELP = {
     "host": "host names or shell-style globs, comma-separated (ws1,gpu*)",
@@ -74,7 +83,7 @@ def hosts(c, host=None, group=None, all=False):  # noqa: A002 - the CLI flag is 
         env = f"venv {h.venv}" if h.venv else f"conda {h.conda_env}" if h.conda_env else "-"
         table.add_row(h.name, address, h.user or "(ssh config)", ",".join(h.groups) or "-",
                       h.python, h.work_dir, env, str(h.max_jobs), h.host_key_policy)
-    out.print(table)
+    console().print(table)
 
 
 def render_check(report: dict) -> None:
@@ -93,14 +102,14 @@ def render_check(report: dict) -> None:
             r.get("cloudpickle") or ("-" if not r.get("python") else "- (we ship it)"),
             str(r.get("cpus") or "-"), _size(r.get("mem_available")), _size(r.get("disk_free")),
             f"{r['load'][0]:g}" if r.get("load") else "-", gpu_text)
-    out.print(table)
+    console().print(table)
     for name, r in report["hosts"].items():
         if r.get("error"):
-            out.print(f"[red]✗[/] {r['error']}")
+            console().print(f"[red]✗[/] {r['error']}")
         for w in r.get("warnings") or []:
-            out.print(f"[yellow]![/] {name}: {w}")
+            console().print(f"[yellow]![/] {name}: {w}")
     n_ok = sum(r["ok"] for r in report["hosts"].values())
-    out.print(f"{n_ok}/{len(report['hosts'])} hosts ready")
+    console().print(f"{n_ok}/{len(report['hosts'])} hosts ready")
 
 
 @task(help={**SELECT_HELP, "require": "packages that must import on the host (numpy,torch)",
@@ -124,7 +133,7 @@ def testbed_up(c, prefix=22):
     """Start the local SSH testbed (Docker) and write testbed/state/inventory.yaml."""
     import testbed
     inv = testbed.up(int(prefix))
-    out.print(f"testbed is up; its inventory: {inv}\n"
+    console().print(f"testbed is up; its inventory: {inv}\n"
               f"use it with:  export FABFLEET_INVENTORY={inv}")
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import shell
-from .errors import CommandError, FleetError, host_errors
+from .errors import CommandError, FleetError
+from .execute import execute
 from .inventory import Host
 
 MARKER = "--fabfleet-probe--"
@@ -257,17 +258,17 @@ def check_env(c, *, require: Sequence[str] = ()) -> dict:
     ``ok: false`` entries use :func:`fabfile.check.check_hosts`.
     """
     host: Host = c.fleet_host
-    with host_errors(host.name, f"run the environment probe with {host.python}"):
-        result = c.run(probe_command(host, require), warn=True, hide=True, timeout=60)
+    result = execute(c, probe_command(host, require), timeout=60,
+                     action=f"run the environment probe with {host.python}")
     try:
         raw = parse_probe_output(result.stdout)
     except ValueError:
         raise CommandError(
             host.name,
-            f"the environment probe with {host.python!r} exited {result.exited} without a "
+            f"the environment probe with {host.python!r} exited {result.exit_code} without a "
             f"report: {(result.stderr or result.stdout).strip()[-500:]}. Check that "
             f"`{host.python}` is a working Python 3 on the host.",
-            exit_code=result.exited, stderr=result.stderr) from None
+            exit_code=result.exit_code, stderr=result.stderr) from None
     return interpret(host, raw, require)
 
 

@@ -1,0 +1,26 @@
+"""`inv check-env` over three testbed hosts vs. a parallel plain-OpenSSH loop.
+
+Baseline: one `ssh host python3 -c '<print version>'` per host, all in parallel: the
+cheapest thing a person would write to ask "is Python there?". fabfleet's run includes
+starting the `inv` process, loading the inventory, verifying host keys and gathering
+every fact. Target: ratio <= 1 (bar: 2).
+
+    .venv/bin/python bench/bench_check_env.py
+"""
+
+from common import compare, ensure_testbed, inv_argv, parallel, run, ssh_argv
+
+HOSTS = ["ws1", "ws2", "gpu1"]
+
+if __name__ == "__main__":
+    ensure_testbed()
+    probe = "import sys, json; print(json.dumps(list(sys.version_info)))"
+    compare("check-env --host ws1,ws2,gpu1 (CLI process)",
+            lambda: run(inv_argv("check-env", "--host", ",".join(HOSTS), "--json")),
+            lambda: parallel([ssh_argv(h) + ["python3", "-c", repr(probe)] for h in HOSTS]))
+    # The same work from Python (a notebook, another fabfile): no process start-up.
+    from fabfile import Inventory, check_hosts
+    hosts = Inventory.load(ensure_testbed()).select(host=",".join(HOSTS))
+    compare("check_hosts() over ws1,ws2,gpu1 (library call)",
+            lambda: check_hosts(hosts),
+            lambda: parallel([ssh_argv(h) + ["python3", "-c", repr(probe)] for h in HOSTS]))

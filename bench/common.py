@@ -1,0 +1,78 @@
+"""Shared helpers for the benchmarks: the demo testbed, plain-OpenSSH baselines, timing.
+
+Every benchmark measures fabfleet and its baseline alternately in the same run and prints
+the ratio of medians, because these machines are noisy: absolute numbers mean little.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import testbed  # noqa: E402
+
+PREFIX = int(os.environ.get("FABFLEET_BENCH_PREFIX", "22"))
+INV = ROOT / "testbed" / "state" / "inventory.yaml"
+
+
+def ensure_testbed() -> Path:
+    """The demo testbed's inventory, starting the testbed if it is not answering."""
+    if not (INV.exists() and all(testbed.ssh_ready(testbed.port(n, PREFIX)) for n in testbed.HOSTS)):
+        testbed.up(PREFIX)
+    return INV
+
+
+def ssh_argv(name: str) -> list[str]:
+    """Plain OpenSSH to a testbed host, verifying keys like fabfleet does."""
+    return ["ssh", "-i", str(testbed.KEY), "-p", str(testbed.port(name, PREFIX)),
+            "-o", f"UserKnownHostsFile={testbed.STATE / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+            "-o", "ControlMaster=no", "dev@127.0.0.1"]
+
+
+def scp_argv(name: str) -> list[str]:
+    return ["scp", "-q", "-i", str(testbed.KEY), "-P", str(testbed.port(name, PREFIX)),
+            "-o", f"UserKnownHostsFile={testbed.STATE / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
+
+
+def inv_argv(*args: str) -> list[str]:
+    return [str(ROOT / ".venv" / "bin" / "inv"), "--search-root", str(ROOT), *args]
+
+
+def run(argv: list[str], **kw) -> None:
+    subprocess.run(argv, check=kw.pop("check", True), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, env={**os.environ, "FABFLEET_INVENTORY": str(INV)},
+                   **kw)
+
+
+def parallel(argvs: list[list[str]]) -> None:
+    procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for a in argvs]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"baseline failed: exit codes {codes}")
+
+
+def compare(name: str, ours: Callable[[], None], baseline: Callable[[], None],
+            rounds: int = 9, warmup: int = 1) -> float:
+    """Time both alternately; print medians and ours/baseline. Returns the ratio."""
+    a, b = [], []
+    for i in range(warmup + rounds):
+        for fn, acc in ((ours, a), (baseline, b)):
+            t = time.perf_counter()
+            fn()
+            if i >= warmup:
+                acc.append(time.perf_counter() - t)
+    ma, mb = statistics.median(a), statistics.median(b)
+    print(f"{name:<46} fabfleet {ma * 1000:8.1f} ms   baseline {mb * 1000:8.1f} ms   "
+          f"ratio {ma / mb:5.2f}x")
+    return ma / mb
