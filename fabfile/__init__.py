@@ -11,15 +11,19 @@ The library behind ``tasks.py``; import it from your own fabfile, notebook or sc
 from .connection import FleetConnection, connect
 from .errors import (
     AuthError, CommandError, ConnectError, FanOutError, FleetError, HostError, HostKeyError,
-    InventoryError, LocalError, PythonMismatchError, RemoteError, TransferError,
+    InventoryError, LocalError, PythonMismatchError, RemoteError, RunInterrupted, TransferError,
 )
 from .facts import check_env, check_hosts
 from .fanout import FanOutResult, Outcome, fan_out
 from .inventory import Host, Inventory, find_inventory
+from .runs import RunResult, clean, layout, run_many, run_script, setup_workdir, stop_active_runs
+from .transfer import GatheredFile, PushResult, gather, local_files, push
 
 __all__ = [
     "AuthError", "CommandError", "ConnectError", "FanOutError", "FanOutResult",
     "FleetConnection", "FleetError", "Host", "HostError", "HostKeyError", "Inventory",
     "InventoryError", "LocalError", "Outcome", "PythonMismatchError", "RemoteError",
     "TransferError", "check_env", "check_hosts", "connect", "fan_out", "find_inventory",
+    "RunInterrupted", "RunResult", "run_many", "run_script", "setup_workdir", "stop_active_runs",
+    "clean", "layout", "GatheredFile", "PushResult", "gather", "local_files", "push",
 ]

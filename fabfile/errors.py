@@ -11,6 +11,7 @@
     │   ├── TransferError         push / gather / payload transfer failed
     │   ├── PythonMismatchError   remote Python major.minor differs from the local one
     │   └── RemoteError           the function raised on the host; carries the traceback
+    ├── RunInterrupted            Ctrl-C during a run; the remote processes were stopped
     └── FanOutError               several hosts failed; message is a one-line summary
 
 Every :class:`HostError` message starts with the host name, then says what was tried,
@@ -89,6 +90,18 @@ class RemoteError(HostError):
             f"{remote_type}: {message}\n\nRemote traceback (from {host}):\n"
             f"{remote_traceback.rstrip()}",
         )
+
+
+class RunInterrupted(FleetError):
+    """Ctrl-C arrived during a run; ``.stopped`` lists hosts whose processes were killed."""
+
+    def __init__(self, run_id: str, stopped: list[str]) -> None:
+        self.run_id = run_id
+        self.stopped = stopped
+        where = ", ".join(stopped) if stopped else "no host (none was still running)"
+        super().__init__(f"interrupted: stopped run {run_id}'s remote processes on {where} "
+                         "(SIGTERM to their process group, then SIGKILL). What they wrote so "
+                         "far is in each host's run dir.")
 
 
 class FanOutError(FleetError):

@@ -7,8 +7,8 @@
 # that can pull images, FABFLEET_BASE_FROM_REGISTRY=1 builds it from debian:bookworm-slim.
 set -euo pipefail
 
-BASE_IMAGE=${FABFLEET_BASE_IMAGE:-fabfleet-base:bookworm}
-PACKAGES=openssh-server,python3,rsync,pypy3,procps
+BASE_IMAGE=${FABFLEET_BASE_IMAGE:-fabfleet-base:bookworm-2}  # bump the tag when PACKAGES change
+PACKAGES=openssh-server,python3,python3-venv,rsync,pypy3,procps
 
 if ! docker info >/dev/null 2>&1; then
     if ! command -v dockerd >/dev/null; then

@@ -1,0 +1,386 @@
+"""Work dirs and script runs on hosts.
+
+Remote layout, under each host's ``work_dir`` (mode 0700)::
+
+    <work_dir>/<project>/        the pushed project; scripts run here (their cwd)
+    <work_dir>/runs/<run id>/    one per run: stdout, stderr, exit_code, timing.json,
+                                 command.json, pid (and the script, when not pushed)
+    <work_dir>/venv/             made by setup-workdir --requirements; used by runs
+
+A run is one SSH channel: a small stdlib-only runner (:data:`RUNNER`) starts the script
+in its own process group, tees its output to the run dir and to us as it arrives, and
+records exit code and timing. Ctrl-C locally sends SIGTERM (then SIGKILL) to that group.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import shell
+from .errors import CommandError, FleetError, LocalError, RunInterrupted, host_errors
+from .execute import execute
+from .inventory import Host
+
+RUNNER = r'''
+import json, os, signal, subprocess, sys, threading, time
+spec = json.loads(sys.argv[1])
+run_dir = os.path.expanduser(spec["run_dir"])
+cwd = os.path.expanduser(spec["cwd"])
+for d in (os.path.expanduser(spec["work_dir"]), os.path.dirname(run_dir), run_dir, cwd):
+    os.makedirs(d, mode=0o700, exist_ok=True)
+os.chmod(os.path.expanduser(spec["work_dir"]), 0o700)
+script = spec["script"] and os.path.expanduser(spec["script"])
+if spec.get("script_b64") is not None:
+    script = os.path.join(run_dir, spec["script_name"])
+    import base64
+    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(base64.b64decode(spec["script_b64"]))
+argv = [sys.executable, "-u", script] + spec["args"]
+env = dict(os.environ, PYTHONUNBUFFERED="1", FABFLEET_RUN_ID=spec["run_id"],
+           FABFLEET_RUN_DIR=run_dir)
+def write(name, text):
+    with open(os.path.join(run_dir, name), "w") as f:
+        f.write(text)
+write("command.json", json.dumps({"argv": argv, "cwd": cwd}))
+started = time.time()
+proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, start_new_session=True, env=env)
+write("pid", str(proc.pid))
+def forward(signum, frame):
+    try:
+        os.killpg(proc.pid, signum)
+    except OSError:
+        pass
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, forward)
+def pump(src, name, out):
+    with open(os.path.join(run_dir, name), "wb") as f:
+        while True:
+            chunk = os.read(src.fileno(), 65536)
+            if not chunk:
+                break
+            f.write(chunk)
+            f.flush()
+            try:
+                out.write(chunk)
+                out.flush()
+            except OSError:
+                pass  # our SSH channel is gone: keep logging to the run dir
+threads = [threading.Thread(target=pump, args=(proc.stdout, "stdout", sys.stdout.buffer)),
+           threading.Thread(target=pump, args=(proc.stderr, "stderr", sys.stderr.buffer))]
+for t in threads:
+    t.start()
+code = proc.wait()
+for t in threads:
+    t.join()
+ended = time.time()
+code = code if code >= 0 else 128 - code
+write("exit_code", "%d\n" % code)
+write("timing.json", json.dumps({"started": started, "ended": ended, "seconds": ended - started}))
+sys.exit(code)
+'''
+
+INLINE_LIMIT = 256 * 1024  # scripts up to this size travel inside the command line
+_ERR = "fabfleet-error:"
+
+
+def new_run_id() -> str:
+    """Unique across concurrent runs from several laptops: time, machine, pid, random."""
+    machine = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname().split(".")[0])[:20] or "host"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{machine}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def layout(host: Host, project: str) -> dict[str, str]:
+    wd = host.work_dir.rstrip("/") or "/"
+    return {"work_dir": wd, "project": f"{wd}/{project}", "runs": f"{wd}/runs",
+            "venv": f"{wd}/venv"}
+
+
+def _env_prefix(host: Host) -> str:
+    """Activation for runs: the host's venv/conda env, else the work dir's venv if any."""
+    act = shell.activation(host)
+    if not act:
+        venv = layout(host, "")["venv"]
+        act = (f"if [ -f {shell.path(venv)}/bin/activate ]; then "
+               f". {shell.path(venv)}/bin/activate; fi")
+    py = shell.q(host.python)
+    return (shell.exports(host.env)
+            + f"{{ {act}; }} || {{ echo {shell.q(_ERR + ' env')} >&2; exit 97; }}; "
+            + f"command -v {py} >/dev/null 2>&1 || {{ echo "
+            f"{shell.q(f'{_ERR} python: {host.python} not found on this host')} >&2; "
+            "exit 127; }; ")
+
+
+# -- setup-workdir ---------------------------------------------------------------------
+def setup_workdir(c, *, requirements: str | os.PathLike[str] | None = None,
+                  timeout: float = 1800) -> dict:
+    """Create the work dir (0700) and its ``runs/``; idempotent.
+
+    With ``requirements`` (a local requirements.txt), also make ``<work_dir>/venv`` (if
+    missing) and ``pip install -r`` into it; later runs on the host use that venv unless
+    the inventory names a ``venv`` or ``conda_env``. Returns what was done.
+    """
+    host: Host = c.fleet_host
+    lay = layout(host, "")
+    wd, runs = shell.path(lay["work_dir"]), shell.path(lay["runs"])
+    script = (f"mkdir -p {wd} {runs} && chmod 700 {wd} {runs} && "
+              f"cd {wd} && pwd")
+    result = execute(c, shell.sh(script), timeout=60, action=f"create {lay['work_dir']}")
+    if result.exit_code != 0:
+        raise CommandError(host.name, f"could not create work dir {lay['work_dir']}: "
+                           f"{result.stderr.strip()}. Set `work_dir` in the inventory to a "
+                           "directory the user can write.", exit_code=result.exit_code,
+                           stderr=result.stderr)
+    report = {"work_dir": result.stdout.strip(), "venv": None, "installed": None}
+    if requirements is None:
+        return report
+    req = Path(requirements)
+    if not req.is_file():
+        raise LocalError(f"{req}: requirements file not found")
+    venv = shell.path(lay["venv"])
+    blob = base64.b64encode(req.read_bytes()).decode()
+    py = shell.q(host.python)
+    script = (
+        f"cd {wd} && umask 077 && "
+        f"printf %s {shell.q(blob)} | base64 -d > requirements.txt && "
+        f"{{ [ -x {venv}/bin/python ] || {py} -m venv {venv} || "
+        f"{{ echo {shell.q(_ERR + ' venv')} >&2; exit 98; }}; }} && "
+        f"{venv}/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt")
+    result = execute(c, shell.sh(script), timeout=timeout,
+                     action=f"create the venv and pip install -r {req.name}")
+    if result.exit_code != 0:
+        hint = ("the host's Python cannot make venvs: install python3-venv there "
+                "(Debian/Ubuntu) or point `venv` at an existing one"
+                if _ERR + " venv" in result.stderr else
+                "read pip's message above; fix the requirements or the host's network")
+        raise CommandError(host.name, f"setting up {lay['venv']} failed (exit "
+                           f"{result.exit_code}):\n{result.stderr.strip()[-1500:]}\n{hint}.",
+                           exit_code=result.exit_code, stderr=result.stderr)
+    report.update(venv=lay["venv"], installed=str(req))
+    return report
+
+
+# -- runs ------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    host: str
+    run_id: str
+    run_dir: str
+    exit_code: int
+    seconds: float
+    stderr_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+_active_lock = threading.Lock()
+_active: dict[tuple[str, str], object] = {}  # (host, run_dir) -> connection
+_host_slots: dict[str, threading.Semaphore] = {}
+
+
+def host_slot(host: Host) -> threading.Semaphore:
+    """The per-host semaphore of ``max_jobs`` slots shared by runs and payloads."""
+    with _active_lock:
+        return _host_slots.setdefault(host.name, threading.Semaphore(host.max_jobs))
+
+
+def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
+               project: str | None = None, script_in_project: str | None = None,
+               run_id: str | None = None, on_stdout: Callable[[bytes], None] | None = None,
+               on_stderr: Callable[[bytes], None] | None = None,
+               timeout: float | None = None) -> RunResult:
+    """Run a Python script on the host with its Python, env and ``env`` vars.
+
+    The working directory is ``<work_dir>/<project>`` (``project`` defaults to the local
+    script's directory name). ``script_in_project`` (a path relative to it) runs a
+    pushed file; otherwise the local ``script`` is sent with the run. Output reaches
+    ``on_stdout``/``on_stderr`` as it is produced; the exit code is returned, not raised.
+    """
+    host: Host = c.fleet_host
+    script = Path(script)
+    if script_in_project is None and not script.is_file():
+        raise LocalError(f"{script}: script not found")
+    project = project or script.resolve().parent.name
+    lay = layout(host, project)
+    run_id = run_id or new_run_id()
+    run_dir = f"{lay['runs']}/{run_id}"
+    spec = {"run_id": run_id, "run_dir": run_dir, "cwd": lay["project"],
+            "work_dir": lay["work_dir"], "args": list(args)}
+    if script_in_project is not None:
+        spec.update(script=script_in_project, script_b64=None)
+    else:
+        data = script.read_bytes()
+        spec.update(script=None, script_name=script.name,
+                    script_b64=base64.b64encode(data).decode())
+        if len(data) > INLINE_LIMIT:
+            _upload(c, data, run_dir, script.name)
+            spec.update(script=f"{run_dir}/{script.name}", script_b64=None)
+    command = shell.sh(_env_prefix(host) + f"exec {shell.q(host.python)} -c "
+                       f"{shell.q(RUNNER)} {shell.q(json.dumps(spec))}")
+    tail = bytearray()
+
+    def keep_stderr(data: bytes) -> None:
+        tail.extend(data)
+        del tail[:-8192]
+        if on_stderr:
+            on_stderr(data)
+
+    key = (host.name, run_dir)
+    with host_slot(host):
+        with _active_lock:
+            _active[key] = c
+        try:
+            result = execute(c, command, timeout=timeout, on_stdout=on_stdout,
+                             on_stderr=keep_stderr, keep=False,
+                             action=f"run {script.name} in {lay['project']}")
+        finally:
+            with _active_lock:
+                _active.pop(key, None)
+    stderr_tail = tail.decode("utf-8", "replace")
+    code = result.exit_code
+    if _ERR + " python" in stderr_tail and code == 127:
+        raise CommandError(host.name, f"Python interpreter {host.python!r} was not found on "
+                           "the host. Install Python 3 there, or set `python:` in the "
+                           "inventory to its full path.", exit_code=code, stderr=stderr_tail)
+    if _ERR + " env" in stderr_tail and code == 97:
+        raise CommandError(host.name, f"the host's environment did not activate: "
+                           f"{stderr_tail.replace(_ERR + ' env', '').strip()}. Fix `venv` / "
+                           "`conda_env` in the inventory or run `inv setup-workdir`.",
+                           exit_code=code, stderr=stderr_tail)
+    return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail)
+
+
+def _home_rel(p: str) -> str:
+    return p[2:] if p.startswith("~/") else p
+
+
+def _upload(c, data: bytes, remote_dir: str, name: str) -> None:
+    with host_errors(c.fleet_host.name, f"upload {name}"):
+        execute(c, shell.sh(f"mkdir -p {shell.path(remote_dir)}"), timeout=60)
+        c.put(io.BytesIO(data), remote=f"{_home_rel(remote_dir)}/{name}")
+
+
+def stop_active_runs(grace: float = 2.0) -> list[str]:
+    """Stop every run this process has under way (Ctrl-C): SIGTERM to each run's process
+    group, SIGKILL after ``grace`` seconds. Returns the hosts where runs were stopped."""
+    with _active_lock:
+        active = list(_active.items())
+    stopped = []
+
+    def stop(key, c) -> None:
+        host, run_dir = key
+        pid = f"{shell.path(run_dir)}/pid"
+        script = (f"p=$(cat {pid} 2>/dev/null) || exit 0; kill -TERM -- -$p 2>/dev/null; "
+                  f"i=0; while kill -0 -- -$p 2>/dev/null && [ $i -lt {int(grace * 10)} ]; "
+                  "do sleep 0.1; i=$((i+1)); done; kill -KILL -- -$p 2>/dev/null; true")
+        try:
+            from .connection import connect
+            with connect(c.fleet_host) as fresh:  # the run's own channel is busy
+                execute(fresh, shell.sh(script), timeout=grace + 15, action="stop the run")
+            stopped.append(host)
+        except FleetError:
+            pass  # the host is gone: nothing left to stop there
+    threads = [threading.Thread(target=stop, args=item, daemon=True) for item in active]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(grace + 20)
+    return sorted(stopped)
+
+
+def clean(c, *, project: str | None = None, runs: bool = True) -> list[str]:
+    """Remove run dirs (``runs``) and, with ``project``, the pushed ``<work_dir>/<project>``.
+    Returns the remote paths removed."""
+    host: Host = c.fleet_host
+    lay = layout(host, project or "")
+    targets = ([lay["runs"]] if runs else []) + ([lay["project"]] if project else [])
+    if not targets:
+        return []
+    script = "rm -rf -- " + " ".join(shell.path(t) for t in targets)
+    if runs:
+        script += f" && mkdir -p {shell.path(lay['runs'])} && chmod 700 {shell.path(lay['runs'])}"
+    result = execute(c, shell.sh(script), timeout=600, action="clean the work dir")
+    if result.exit_code != 0:
+        raise CommandError(host.name, f"clean failed: {result.stderr.strip()[-500:]}",
+                           exit_code=result.exit_code, stderr=result.stderr)
+    return targets
+
+
+def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequence[str] = (),
+             *, project_dir: str | os.PathLike[str] | None = None, push_project: bool = False,
+             excludes: Sequence[str] = (), max_parallel: int = 32,
+             on_output: Callable[[str, str, bytes], None] | None = None,
+             log_root: str | os.PathLike[str] | None = None, timeout: float | None = None):
+    """Run ``script`` on every host at once (one run id for all); a per-host map.
+
+    ``project_dir`` (default: the script's directory) names the remote project dir;
+    with ``push_project`` it is pushed first and the script runs from it. Output goes to
+    ``on_output(host, "stdout"|"stderr", bytes)`` live and, with ``log_root``, to
+    ``<log_root>/<host>/runs/<run id>/{stdout,stderr}`` as it arrives, so it survives a
+    host that dies mid-run. Ctrl-C stops every remote run, then raises
+    :class:`~fabfile.errors.RunInterrupted`. Returns a
+    :class:`~fabfile.fanout.FanOutResult` of :class:`RunResult`.
+    """
+    from .connection import connect
+    from .fanout import fan_out
+    from .transfer import push
+
+    script = Path(script)
+    if not script.is_file():
+        raise LocalError(f"{script}: script not found (nothing was sent to any host)")
+    project_dir = Path(project_dir or script.resolve().parent).resolve()
+    rel = None
+    if push_project:
+        try:
+            rel = script.resolve().relative_to(project_dir).as_posix()
+        except ValueError:
+            rel = None  # script outside the project: it travels with the run
+    run_id = new_run_id()
+
+    def one(host: Host) -> RunResult:
+        files = {}
+        if log_root is not None:
+            d = Path(log_root) / host.name / "runs" / run_id
+            d.mkdir(parents=True, exist_ok=True)
+            files = {name: open(d / name, "wb") for name in ("stdout", "stderr")}
+
+        def sink(stream: str):
+            def write(data: bytes) -> None:
+                if stream in files:
+                    files[stream].write(data)
+                    files[stream].flush()
+                if on_output:
+                    on_output(host.name, stream, data)
+            return write
+        try:
+            with connect(host) as c:
+                if push_project:
+                    push(c, project_dir, layout(host, project_dir.name)["project"],
+                         excludes=excludes)
+                return run_script(c, script, args, project=project_dir.name,
+                                  script_in_project=rel, run_id=run_id,
+                                  on_stdout=sink("stdout"), on_stderr=sink("stderr"),
+                                  timeout=timeout)
+        finally:
+            for f in files.values():
+                f.close()
+
+    try:
+        return fan_out(hosts, one, max_workers=max_parallel)
+    except KeyboardInterrupt:
+        stopped = stop_active_runs()
+        raise RunInterrupted(run_id, stopped) from None
