@@ -315,14 +315,17 @@ def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A0
     raise Exit(code=1 if failed else 0)
 
 
-@task(iterable=["pattern"], positional=["pattern"], help={
-    **SELECT_HELP, "pattern": "glob relative to the remote project dir (results/*.csv, **/*.log)",
+@task(help={
+    **SELECT_HELP, "patterns": "globs relative to the remote project dir, space-separated "
+                               "('results/*.csv **/*.log')",
     "dest": "local root; files land in <dest>/<host>/… (default: gathered)",
     "overwrite": "replace local files whose content differs (default: keep them, report)"})
 @fleet_errors
-def gather(c, pattern=None, host=None, group=None, all=False, dest="gathered",  # noqa: A002
+def gather(c, patterns, host=None, group=None, all=False, dest="gathered",  # noqa: A002
            overwrite=False):
     """Copy remote files matching patterns into ./gathered/<host>/…, checksum-verified."""
+    import shlex
+    pattern = shlex.split(patterns)
     if not pattern:
         raise Exit("fabfleet: give at least one pattern, e.g. inv gather --all 'results/*.csv'", 2)
     selected = _select(c, host, group, all)

@@ -71,15 +71,19 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
                         on_stderr(data)
                 if got:
                     continue
-                if chan.exit_status_ready() and (chan.eof_received or chan.closed):
+                # paramiko marks a channel "exited" (-1) when it merely closed, e.g. the
+                # host died: only a real exit-status message counts as the command ending.
+                exited = chan.status_event.is_set() and chan.exit_status != -1
+                if exited and (chan.eof_received or chan.closed):
                     break
-                if chan.closed or not chan.get_transport().is_active():
-                    if chan.exit_status_ready():
-                        break
+                alive = chan.get_transport().is_active()
+                if not alive and not exited:
                     raise ConnectError(
                         host, f"the connection was lost during {action} (the host went down, "
                         "rebooted or dropped the session). Output received so far was kept; "
                         "check the host and run again.")
+                if chan.closed:
+                    break  # closed without exit status: killed by a signal (code 255)
             code = chan.recv_exit_status()
         finally:
             chan.close()

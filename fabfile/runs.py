@@ -284,9 +284,10 @@ def stop_active_runs(grace: float = 2.0) -> list[str]:
     def stop(key, c) -> None:
         host, run_dir = key
         pid = f"{shell.path(run_dir)}/pid"
-        script = (f"p=$(cat {pid} 2>/dev/null) || exit 0; kill -TERM -- -$p 2>/dev/null; "
-                  f"i=0; while kill -0 -- -$p 2>/dev/null && [ $i -lt {int(grace * 10)} ]; "
-                  "do sleep 0.1; i=$((i+1)); done; kill -KILL -- -$p 2>/dev/null; true")
+        # `kill -SIG -PGID` without `--`: dash's builtin kill rejects `--`.
+        script = (f"p=$(cat {pid} 2>/dev/null) || exit 0; kill -TERM -$p 2>/dev/null; "
+                  f"i=0; while kill -0 -$p 2>/dev/null && [ $i -lt {int(grace * 10)} ]; "
+                  "do sleep 0.1; i=$((i+1)); done; kill -KILL -$p 2>/dev/null; true")
         try:
             from .connection import connect
             with connect(c.fleet_host) as fresh:  # the run's own channel is busy
@@ -353,14 +354,14 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
 
     def one(host: Host) -> RunResult:
         files = {}
-        if log_root is not None:
-            d = Path(log_root) / host.name / "runs" / run_id
-            d.mkdir(parents=True, exist_ok=True)
-            files = {name: open(d / name, "wb") for name in ("stdout", "stderr")}
 
         def sink(stream: str):
             def write(data: bytes) -> None:
-                if stream in files:
+                if log_root is not None:
+                    if stream not in files:  # opened on first output: no empty logs
+                        d = Path(log_root) / host.name / "runs" / run_id
+                        d.mkdir(parents=True, exist_ok=True)
+                        files[stream] = open(d / stream, "wb")
                     files[stream].write(data)
                     files[stream].flush()
                 if on_output:

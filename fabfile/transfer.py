@@ -25,7 +25,8 @@ from . import shell
 from .errors import LocalError, TransferError, host_errors
 from .execute import execute
 
-ALWAYS_EXCLUDED = (".git/", "__pycache__/", "*.pyc", ".fabfleet-tmp*")
+# /gathered/ is where gather and run-remote put what comes back: never send it out again.
+ALWAYS_EXCLUDED = (".git/", "__pycache__/", "*.pyc", ".fabfleet-tmp*", "/gathered/", "/.venv/")
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
@@ -176,13 +177,14 @@ class PushResult:
 
 
 def _remote_has_rsync(c, remote_dir: str) -> bool:
-    cmd = shell.sh(f"mkdir -p {shell.path(remote_dir)} && command -v rsync >/dev/null")
+    cmd = shell.sh(f"mkdir -p {shell.path(remote_dir)} || exit 1; "
+                   "if command -v rsync >/dev/null 2>&1; then echo rsync; else echo none; fi")
     result = execute(c, cmd, timeout=60, action=f"create {remote_dir}")
-    if result.exit_code not in (0, 1):
+    if result.exit_code != 0:
         raise TransferError(c.fleet_host.name, f"could not create {remote_dir}: "
                             f"{result.stderr.strip() or result.stdout.strip()}. Check that "
                             "`work_dir` in the inventory is writable for the user.")
-    return result.exit_code == 0
+    return result.stdout.strip() == "rsync"
 
 
 def ssh_command_for(c) -> list[str]:
