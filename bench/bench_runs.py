@@ -1,0 +1,66 @@
+"""run-remote and push against plain OpenSSH, measured alternately in the same run.
+
+* `inv run-remote --host ws1 hello.py` vs `scp hello.py` + `ssh python3 hello.py`
+  (target: ratio <= 1; bar: 1.5);
+* push of a 1,000-file tree, first and unchanged, vs plain `rsync -a` over ssh with
+  the same key and known_hosts checks.
+
+    .venv/bin/python bench/bench_runs.py
+"""
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from common import compare, ensure_testbed, inv_argv, run, scp_argv, ssh_argv
+
+import testbed
+from common import PREFIX
+
+if __name__ == "__main__":
+    ensure_testbed()
+    work = Path(tempfile.mkdtemp(prefix="fabfleet-bench-"))
+    hello = work / "hello.py"
+    hello.write_text("print('hello')\n")
+    dest = f"dev@127.0.0.1:bench-hello.py"
+    compare("run-remote --host ws1 hello.py (CLI)",
+            lambda: run(inv_argv("run-remote", "--host", "ws1", str(hello)), cwd=work),
+            lambda: (run(scp_argv("ws1") + [str(hello), dest]),
+                     run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
+
+    from fabfile import Inventory, connect, push, run_script
+    inv = Inventory.load(ensure_testbed())
+    c = connect(inv["ws1"])
+    compare("run_script() on an open connection (library)",
+            lambda: run_script(c, hello),
+            lambda: (run(scp_argv("ws1") + [str(hello), dest]),
+                     run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
+
+    tree = work / "tree"
+    for i in range(1000):
+        d = tree / f"d{i // 50}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.py").write_text(f"# file {i}\n" + "x = 1\n" * 40)
+    rsync_ssh = " ".join(ssh_argv("ws1")[:-1])
+
+    def plain_rsync(target):
+        subprocess.run(["rsync", "-a", "-e", rsync_ssh, f"{tree}/",
+                        f"dev@127.0.0.1:{target}"], check=True, stdout=subprocess.DEVNULL)
+
+    def wipe():
+        subprocess.run(ssh_argv("ws1") + ["rm -rf bench-ours bench-rsync"], check=True)
+
+    for host in ("ws1", "ws2"):  # ws2 has no rsync: fabfleet goes over SFTP there
+        with connect(inv[host]) as hc:
+            def first_ours(hc=hc):
+                subprocess.run(ssh_argv(host) + ["rm -rf bench-ours"], check=True)
+                push(hc, tree, "~/bench-ours")
+            compare(f"push 1000 files, first ({host}, {'sftp' if host == 'ws2' else 'rsync'})",
+                    first_ours,
+                    lambda: (wipe(), plain_rsync("bench-rsync")), rounds=5)
+            compare(f"push 1000 files, unchanged ({host})",
+                    lambda hc=hc: push(hc, tree, "~/bench-ours"),
+                    lambda: plain_rsync("bench-rsync"), rounds=5)
+    wipe()
+    shutil.rmtree(work)
