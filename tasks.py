@@ -162,39 +162,6 @@ def _report(results, title: str, columns: list[str], row) -> None:
         raise Exit(code=1)
 
 
-class PrefixedOutput:
-    """Writes each host's output to our stdout/stderr, whole lines at a time, prefixed
-    ``[host] `` when several hosts run; thread-safe (callbacks come from worker threads)."""
-
-    def __init__(self, prefix: bool) -> None:
-        self.prefix = prefix
-        self.partial: dict[tuple[str, str], bytes] = {}
-        self.lock = __import__("threading").Lock()
-
-    def __call__(self, host: str, stream: str, data: bytes) -> None:
-        out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-        with self.lock:
-            if not self.prefix:
-                out.write(data)
-                out.flush()
-                return
-            buf = self.partial.get((host, stream), b"") + data
-            *lines, rest = buf.split(b"\n")
-            self.partial[(host, stream)] = rest
-            if lines:
-                out.write(b"".join(b"[%s] %s\n" % (host.encode(), ln) for ln in lines))
-                out.flush()
-
-    def flush(self) -> None:
-        with self.lock:
-            for (host, stream), rest in self.partial.items():
-                if rest:
-                    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-                    out.write(b"[%s] %s\n" % (host.encode(), rest))
-                    out.flush()
-            self.partial.clear()
-
-
 @task(help={**SELECT_HELP, "requirements": "a local requirements.txt: make <work_dir>/venv and "
             "pip install -r it there (runs then use that venv)"})
 @fleet_errors
@@ -273,7 +240,7 @@ def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A0
     except ValueError as exc:
         raise Exit(f"fabfleet: --args {args!r}: {exc}", 2) from None
     project = project or bool((c.config.get("fabfleet") or {}).get("push_project"))
-    printer = PrefixedOutput(prefix=len(selected) > 1)
+    printer = fabfile.PrefixedOutput(prefix=len(selected) > 1)
     try:
         results = fabfile.run_many(
             selected, script, argv, project_dir=os.getcwd() if project else None,
@@ -359,6 +326,44 @@ def clean(c, host=None, group=None, all=False, code=False):  # noqa: A002
     _report(results, "clean", ["removed"], lambda paths: [", ".join(paths)])
 
 
+@task(help={**SELECT_HELP, "payload": "payload file made by fabfile.save_payload(path, fn, *args)",
+            "out": "where results go: <out>/<host>/<payload>.result.pkl (default: gathered)",
+            "max_parallel": "hosts running at once"})
+@fleet_errors
+def run_pickle(c, payload, host=None, group=None, all=False, out="gathered",  # noqa: A002
+               max_parallel=32):
+    """Run a pickled call (fabfile.save_payload) on the hosts; save each result locally."""
+    blob = fabfile.load_payload_bytes(payload)  # a local error before any connection
+    selected = _select(c, host, group, all)
+    printer = fabfile.PrefixedOutput(prefix=len(selected) > 1)
+    results = fabfile.run_on_hosts(selected, blob, max_parallel=int(max_parallel),
+                                   on_output=printer)
+    printer.flush()
+    stem = os.path.basename(payload).rsplit(".", 1)[0]
+    summary = {"payload": os.path.abspath(payload), "ok": results.ok, "hosts": {}}
+    for name, o in results.items():
+        entry = {"ok": o.ok, "seconds": round(o.seconds, 3), "result": None, "error": None,
+                 "error_type": None, "traceback": None}
+        if o.ok:
+            path = os.path.join(out, name, f"{stem}.result.pkl")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".part", "wb") as f:
+                import cloudpickle
+                cloudpickle.dump(o.value, f)
+            os.replace(path + ".part", path)
+            entry.update(result=path, repr=repr(o.value)[:200])
+        else:
+            entry.update(error=str(o.error), error_type=type(o.error).__name__,
+                         traceback=getattr(o.error, "remote_traceback", None))
+        summary["hosts"][name] = entry
+    os.makedirs(out, exist_ok=True)
+    summary_path = os.path.join(out, f"{stem}.summary.json")
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2)
+    _report(results, f"run-pickle {payload} (summary: {summary_path})", ["result"],
+            lambda v: [repr(v)[:60]])
+
+
 @task(help={"prefix": "port prefix: hosts listen on 127.0.0.1:<prefix>01… (default 22)"})
 def testbed_up(c, prefix=22):
     """Start the local SSH testbed (Docker) and write testbed/state/inventory.yaml."""
@@ -375,6 +380,6 @@ def testbed_down(c, prefix=22):
     testbed.down(int(prefix))
 
 
-ns = Collection(hosts, check_env, setup_workdir, push, run_remote, gather, clean)
+ns = Collection(hosts, check_env, setup_workdir, push, run_remote, run_pickle, gather, clean)
 ns.add_collection(Collection("testbed", up=testbed_up, down=testbed_down))
 ns.configure({"fabfleet": {"inventory": None}})

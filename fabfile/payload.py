@@ -113,14 +113,20 @@ send(b"H", json.dumps({"python": list(sys.version_info[:3]),
                        "executable": sys.executable,
                        "cloudpickle": cloudpickle.__version__}).encode())
 class Out(object):
+    """sys.stdout for the function: whole lines go out as they are printed."""
     encoding = "utf-8"
     errors = "replace"
+    def __init__(self):
+        self.buf = []
     def write(self, s):
-        if s:
-            send(b"O", s.encode("utf-8", "replace"))
+        self.buf.append(s)
+        if "\n" in s:
+            self.flush()
         return len(s)
     def flush(self):
-        pass
+        if self.buf:
+            send(b"O", "".join(self.buf).encode("utf-8", "replace"))
+            self.buf = []
     def isatty(self):
         return False
     def writable(self):
@@ -131,10 +137,11 @@ while True:
     try:
         fn, args, kwargs = pickle.loads(blob)
         blob = None
-        sys.stdout = Out()
+        sys.stdout = out = Out()
         try:
             value = fn(*args, **kwargs)
         finally:
+            out.flush()
             sys.stdout = sys.__stdout__
         data = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException as exc:
@@ -443,17 +450,8 @@ def close_workers() -> None:
 
 
 def _default_output(prefix: bool) -> Output:
-    lock = threading.Lock()
-
-    def write(host: str, stream: str, data: bytes) -> None:
-        out = sys.stdout if stream == "stdout" else sys.stderr
-        text = data.decode("utf-8", "replace")
-        if prefix:
-            text = "".join(f"[{host}] {line}" for line in text.splitlines(keepends=True))
-        with lock:
-            out.write(text)
-            out.flush()
-    return write
+    from .output import PrefixedOutput
+    return PrefixedOutput(prefix)
 
 
 def call_on_host(host: Host, blob: bytes, *, on_output: Output | None = None) -> Any:
@@ -616,6 +614,8 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
         t.start()
     for t in threads:
         t.join()
+    if hasattr(output, "flush"):
+        output.flush()
     # Items left when every host died: fail them with the hosts' errors.
     while not todo.empty():
         i = todo.get_nowait()
@@ -634,5 +634,9 @@ def run_on_hosts(hosts: Sequence[Host], blob: bytes, *, on_output: Output | None
     """The same pickled call on every host at once → :class:`FanOutResult` of values."""
     from .fanout import fan_out
     output = on_output or _default_output(prefix=len(hosts) > 1)
-    return fan_out(hosts, lambda h: call_on_host(h, blob, on_output=output),
-                   max_workers=max_parallel)
+    try:
+        return fan_out(hosts, lambda h: call_on_host(h, blob, on_output=output),
+                       max_workers=max_parallel)
+    finally:
+        if hasattr(output, "flush"):
+            output.flush()
