@@ -17,7 +17,7 @@ from .facts import check_env, check_hosts
 from .fanout import FanOutResult, Outcome, fan_out
 from .inventory import Host, Inventory, find_inventory
 from .output import PrefixedOutput
-from .payload import (MapError, close_workers, load_payload_bytes, map_hosts, remote,
+from .payload import (MapError, call_on_host, close_workers, load_payload_bytes, map_hosts, remote,
                       run_on_hosts, run_payload, save_payload)
 from .runs import RunResult, clean, layout, run_many, run_script, setup_workdir, stop_active_runs
 from .transfer import GatheredFile, PushResult, gather, local_files, push
@@ -28,6 +28,6 @@ __all__ = [
     "InventoryError", "LocalError", "Outcome", "PythonMismatchError", "RemoteError",
     "TransferError", "check_env", "check_hosts", "connect", "fan_out", "find_inventory",
     "RunInterrupted", "RunResult", "run_many", "run_script", "setup_workdir", "stop_active_runs",
-    "PrefixedOutput", "MapError", "close_workers", "load_payload_bytes", "map_hosts", "remote", "run_on_hosts",
+    "PrefixedOutput", "MapError", "call_on_host", "close_workers", "load_payload_bytes", "map_hosts", "remote", "run_on_hosts",
     "run_payload", "save_payload", "clean", "layout", "GatheredFile", "PushResult", "gather", "local_files", "push",
 ]

@@ -32,7 +32,7 @@ import io
 import json
 import os
 import pickle
-import queue
+import collections
 import select
 import struct
 import sys
@@ -573,40 +573,53 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
     items = list(items)
     if not hosts:
         raise LocalError("map over hosts: no hosts selected")
-    todo: queue.Queue[int] = queue.Queue()
-    for i in range(len(items)):
-        todo.put(i)
+    todo = collections.deque(range(len(items)))
     results: list[ItemOutcome | None] = [None] * len(items)
-    lock = threading.Lock()
+    cond = threading.Condition()
+    in_flight = 0
     live_hosts = {h.name for h in hosts}
     last_host_error: dict[str, BaseException] = {}
     output = on_output or _default_output(prefix=len(hosts) > 1)
 
-    def slot(host: Host) -> None:
-        while True:
-            with lock:
+    def next_item(host: Host) -> int | None:
+        """An item to run, or None when this host is done (or dead). Waits while other
+        hosts still have items in flight: a dying host hands its item back."""
+        nonlocal in_flight
+        with cond:
+            while True:
                 if host.name not in live_hosts:
-                    return
+                    return None
+                if todo:
+                    in_flight += 1
+                    return todo.popleft()
+                if in_flight == 0:
+                    return None
+                cond.wait(0.5)
+
+    def slot(host: Host) -> None:
+        nonlocal in_flight
+        while (i := next_item(host)) is not None:
+            outcome, requeue = None, False
             try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                blob = dumps_call(fn, items[i])
-                value = call_on_host(host, blob, on_output=output)
-                results[i] = ItemOutcome(i, host.name, value=value)
+                value = call_on_host(host, dumps_call(fn, items[i]), on_output=output)
+                outcome = ItemOutcome(i, host.name, value=value)
             except (ConnectError, PythonMismatchError) as exc:
                 # The host, not the item, is at fault: hand the item to the others.
-                with lock:
+                with cond:
                     live_hosts.discard(host.name)
                     last_host_error[host.name] = exc
-                    if live_hosts:
-                        todo.put(i)
-                    else:
-                        results[i] = ItemOutcome(i, host.name, error=exc)
-                return
+                    requeue = bool(live_hosts)
+                if not requeue:
+                    outcome = ItemOutcome(i, host.name, error=exc)
             except FleetError as exc:
-                results[i] = ItemOutcome(i, host.name, error=exc)
+                outcome = ItemOutcome(i, host.name, error=exc)
+            with cond:
+                in_flight -= 1
+                if requeue:
+                    todo.append(i)
+                else:
+                    results[i] = outcome
+                cond.notify_all()
 
     threads = [threading.Thread(target=slot, args=(h,), daemon=True, name=f"map-{h.name}-{j}")
                for h in hosts for j in range(h.max_jobs)]
@@ -617,8 +630,8 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
     if hasattr(output, "flush"):
         output.flush()
     # Items left when every host died: fail them with the hosts' errors.
-    while not todo.empty():
-        i = todo.get_nowait()
+    while todo:
+        i = todo.popleft()
         err = next(iter(last_host_error.values()), None) or ConnectError("-", "no host left")
         results[i] = ItemOutcome(i, None, error=err)
     outcomes = [r for r in results if r is not None]
