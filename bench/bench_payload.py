@@ -1,0 +1,77 @@
+"""Pickled calls: cold, warm and map throughput against plain baselines, same run.
+
+* cold call (new process: connect, start worker, ship nothing if cached, call) vs
+  `ssh host python3 -c 'print(2+3)'` (a new OpenSSH connection and interpreter);
+* warm call (connection and worker already up) vs `python3 -c` over an already open
+  OpenSSH ControlMaster connection (the best a shell loop can do), and vs a new
+  interpreter per call on our own open connection;
+* map of 200 small items over ws1, ws2, gpu1 vs 200 `ssh … python3 -c` calls, 3 at a time.
+
+    .venv/bin/python bench/bench_payload.py
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from common import ROOT, compare, ensure_testbed, ssh_argv
+
+from fabfile import Inventory, close_workers, connect, run_payload
+from fabfile.execute import execute
+
+
+def add(a, b):
+    return a + b
+
+
+if __name__ == "__main__":
+    inv = Inventory.load(ensure_testbed())
+    code = ("import sys; sys.path.insert(0, %r); from fabfile import Inventory, run_payload; "
+            "inv = Inventory.load(%r); run_payload(inv.connect('ws1'), abs, -1)"
+            % (str(ROOT), str(inv.path)))
+    compare("cold call in a new process (connect+worker+call)",
+            lambda: subprocess.run([sys.executable, "-c", code], check=True),
+            lambda: subprocess.run(ssh_argv("ws1") + ["python3", "-c", "'print(2+3)'"],
+                                   check=True, stdout=subprocess.DEVNULL), rounds=7)
+
+    c = inv.connect("ws1")
+    run_payload(c, add, 1, 2)
+    ctl = tempfile.mkdtemp() + "/ctl"
+    base = ssh_argv("ws1")[:-3]  # without "-o ControlMaster=no dev@127.0.0.1"
+    subprocess.run(base + ["-o", "ControlMaster=yes", "-o", f"ControlPath={ctl}", "-N", "-f",
+                           "dev@127.0.0.1"], check=True)
+    mux = base + ["-o", f"ControlPath={ctl}", "dev@127.0.0.1"]
+    compare("warm call vs python3 -c over an open ControlMaster",
+            lambda: run_payload(c, add, 1, 2),
+            lambda: subprocess.run(mux + ["python3", "-c", "'print(2+3)'"], check=True,
+                                   stdout=subprocess.DEVNULL), rounds=25)
+    conn = connect(inv["ws1"])
+    conn.open()
+    compare("warm call vs new python3 on our open connection",
+            lambda: run_payload(c, add, 1, 2),
+            lambda: execute(conn, "python3 -c 'print(2+3)'"), rounds=25)
+    ts = []
+    for _ in range(500):
+        t = time.perf_counter()
+        run_payload(c, add, 1, 2)
+        ts.append(time.perf_counter() - t)
+    print(f"warm call latency over 500 calls: median {statistics.median(ts) * 1000:.2f} ms, "
+          f"p95 {sorted(ts)[474] * 1000:.2f} ms")
+
+    lab = inv.select(host="ws1,ws2,gpu1")
+    lab.map(abs, range(6))  # start the workers and connections once
+
+    def baseline_map():
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda i: subprocess.run(
+                ssh_argv(["ws1", "ws2", "gpu1"][i % 3]) + ["python3", "-c", f"'print({i}*2)'"],
+                check=True, stdout=subprocess.DEVNULL), range(200)))
+    compare("map 200 items over 3 hosts vs 200 ssh calls, 3 at a time",
+            lambda: lab.map(abs, range(200)), baseline_map, rounds=3)
+    subprocess.run(["ssh", "-o", f"ControlPath={ctl}", "-O", "exit", "x"],
+                   stderr=subprocess.DEVNULL)
+    close_workers()
