@@ -125,3 +125,23 @@ def test_fan_out_deadline_and_bound():
     assert set(res.failed) == {"h2", "h4"}
     assert res.summary().startswith("4/6 hosts ok; h2: ConnectError: no answer within the 1s")
     assert "h4: ValueError: boom" in res.summary()
+
+
+def test_another_projects_tasks_py_can_import_fabfile(fleet, tmp_path):
+    (tmp_path / "tasks.py").write_text(
+        "from invoke import task\n"
+        "from fabfile import Inventory, check_env\n\n"
+        "@task\n"
+        "def ready(c, name):\n"
+        "    inv = Inventory.load(c.config.get('inv_path') or __import__('os').environ"
+        "['FABFLEET_INVENTORY'])\n"
+        "    with inv.connect(name) as conn:\n"
+        "        print(name, check_env(conn)['ok'])\n")
+    import subprocess
+    import sys
+    import os
+    r = subprocess.run([sys.executable, "-m", "invoke", "ready", "ws2"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "FABFLEET_INVENTORY": str(fleet.inventory_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ws2 True"
