@@ -183,7 +183,7 @@ def probe_command(host: Host, require: Sequence[str] = ()) -> str:
     args = {"require": list(require), "work_dir": host.work_dir, "marker": MARKER,
             "facts": [f.name for f in FACTS]}
     py = shell.q(host.python)
-    act = shell.activation(host)
+    act = shell.run_activation(host)
     script = shell.exports(host.env)
     if act:
         # Activate in this shell (a subshell would not keep it); keep its stderr for the report.

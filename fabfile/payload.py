@@ -309,7 +309,10 @@ class Worker:
             select.select([chan], [], [], 0.5)
 
     def _death_reason(self) -> tuple[str, str]:
-        code = self.chan.exit_status if self.chan.status_event.is_set() else -1
+        # OpenSSH sends EOF, then exit-status, then close: give the status a moment.
+        self.chan.status_event.wait(2)
+        self._drain_stderr()
+        code = self.chan.exit_status
         tail = self.stderr_tail.decode("utf-8", "replace").strip()
         if code == 127 or "fabfleet-error: python" in tail:
             return "python", f"Python interpreter {self.host.python!r} was not found on the host"

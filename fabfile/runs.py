@@ -110,11 +110,7 @@ def layout(host: Host, project: str) -> dict[str, str]:
 
 def _env_prefix(host: Host) -> str:
     """Activation for runs: the host's venv/conda env, else the work dir's venv if any."""
-    act = shell.activation(host)
-    if not act:
-        venv = layout(host, "")["venv"]
-        act = (f"if [ -f {shell.path(venv)}/bin/activate ]; then "
-               f". {shell.path(venv)}/bin/activate; fi")
+    act = shell.run_activation(host)
     py = shell.q(host.python)
     return (shell.exports(host.env)
             + f"{{ {act}; }} || {{ echo {shell.q(_ERR + ' env')} >&2; exit 97; }}; "

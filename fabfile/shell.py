@@ -74,18 +74,11 @@ def activation(host: Host, venv: str | None = None) -> str:
     return ""
 
 
-def in_env(host: Host, command: str, *, venv: str | None = None, cwd: str | None = None) -> str:
-    """``command`` run inside the host's env: activation, ``env`` exports, then ``cd``."""
-    parts = []
-    act = activation(host, venv)
+def run_activation(host: Host) -> str:
+    """The env runs, payloads and check-env use: the inventory's venv/conda env, else
+    ``<work_dir>/venv`` when ``setup-workdir --requirements`` made one."""
+    act = activation(host)
     if act:
-        parts.append(f"{{ {act}; }} || exit 97")
-    if cwd:
-        parts.append(f"cd {path(cwd)} || exit 96")
-    return sh(exports(host.env) + " && ".join(parts + [command]))
-
-
-# Exit codes in_env uses for its own failures, so callers can tell them from the script's.
-EXIT_ENV_FAILED = 97
-EXIT_CWD_FAILED = 96
-EXIT_NOT_FOUND = 127
+        return act
+    venv = f"{host.work_dir.rstrip('/')}/venv/bin/activate"
+    return f"if [ -f {path(venv)} ]; then . {path(venv)}; fi"
