@@ -197,7 +197,7 @@ def push(c, host=None, group=None, all=False, source=".", exclude=None,  # noqa:
     progress = None
     if total > 8 * 1024 * 1024 and sys.stderr.isatty():
         from rich.progress import Progress
-        progress = Progress(console=__import__("rich.console").console.Console(stderr=True))
+        progress = Progress(console=err_console())
         progress.start()
     bars = {}
 

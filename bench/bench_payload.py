@@ -10,7 +10,6 @@
     .venv/bin/python bench/bench_payload.py
 """
 
-import os
 import statistics
 import subprocess
 import sys

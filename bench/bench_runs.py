@@ -15,15 +15,13 @@ from pathlib import Path
 
 from common import compare, ensure_testbed, inv_argv, run, scp_argv, ssh_argv
 
-import testbed
-from common import PREFIX
 
 if __name__ == "__main__":
     ensure_testbed()
     work = Path(tempfile.mkdtemp(prefix="fabfleet-bench-"))
     hello = work / "hello.py"
     hello.write_text("print('hello')\n")
-    dest = f"dev@127.0.0.1:bench-hello.py"
+    dest = "dev@127.0.0.1:bench-hello.py"
     compare("run-remote --host ws1 hello.py (CLI)",
             lambda: run(inv_argv("run-remote", "--host", "ws1", str(hello)), cwd=work),
             lambda: (run(scp_argv("ws1") + [str(hello), dest]),

@@ -260,14 +260,10 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail)
 
 
-def _home_rel(p: str) -> str:
-    return p[2:] if p.startswith("~/") else p
-
-
 def _upload(c, data: bytes, remote_dir: str, name: str) -> None:
     with host_errors(c.fleet_host.name, f"upload {name}"):
         execute(c, shell.sh(f"mkdir -p {shell.path(remote_dir)}"), timeout=60)
-        c.put(io.BytesIO(data), remote=f"{_home_rel(remote_dir)}/{name}")
+        c.put(io.BytesIO(data), remote=f"{shell.home_relative(remote_dir)}/{name}")
 
 
 def stop_active_runs(grace: float = 2.0) -> list[str]:

@@ -23,6 +23,13 @@ def path(p: str) -> str:
     return q(p)
 
 
+def home_relative(p: str) -> str:
+    """``~/x`` → ``x``: SFTP and rsync paths are relative to the login (home) dir."""
+    if p == "~":
+        return "."
+    return p[2:] if p.startswith("~/") else p
+
+
 def join(parts: Iterable[str]) -> str:
     """Quote each word and join them: ``join(["ls", "a b"]) == "ls 'a b'"``."""
     return " ".join(q(p) for p in parts)

@@ -18,7 +18,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import shell
@@ -139,7 +139,7 @@ def _sftp_manifest(c, directory: str) -> dict[str, tuple[int, int]]:
     manifest: dict[str, tuple[int, int]] = {}
     with host_errors(host, f"list {directory} over SFTP"):
         sftp = c.sftp()
-        top = _sftp_abspath(sftp, directory)
+        top = shell.home_relative(directory)
         stack = [""]
         while stack:
             rel = stack.pop()
@@ -156,13 +156,6 @@ def _sftp_manifest(c, directory: str) -> dict[str, tuple[int, int]]:
     return manifest
 
 
-def _sftp_abspath(sftp, p: str) -> str:
-    """SFTP paths are relative to the login dir: ``~/x`` becomes ``x``."""
-    if p == "~":
-        return "."
-    return p[2:] if p.startswith("~/") else p
-
-
 # -- push ------------------------------------------------------------------------------
 @dataclass
 class PushResult:
@@ -173,7 +166,6 @@ class PushResult:
     files_total: int
     remote_dir: str
     seconds: float = 0.0
-    skipped: list[str] = field(default_factory=list)
 
 
 def _remote_has_rsync(c, remote_dir: str) -> bool:
@@ -236,7 +228,7 @@ def _push_rsync(c, local: Path, remote_dir: str, files: list[LocalFile],
     total = sum(f.size for f in files)
     # -s (--protect-args) sends the path inside rsync's protocol, not through the remote
     # shell, so it needs no quoting; a relative path is relative to the remote home.
-    rpath = _sftp_abspath(None, remote_dir)
+    rpath = shell.home_relative(remote_dir)
     addr = f"[{c.host}]" if ":" in c.host else c.host  # IPv6 literal
     target = f"{addr}:{rpath}"
     argv = ["rsync", "-s", "-rlt", "--perms", "--chmod=Du=rwx,Dgo=,Fgo=", "--files-from=-",
@@ -304,7 +296,7 @@ def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
     done = 0
     with host_errors(host, f"push to {remote_dir} over SFTP"):
         sftp = c.sftp()
-        top = _sftp_abspath(sftp, remote_dir)
+        top = shell.home_relative(remote_dir)
         made: set[str] = set()
         for f in changed:
             target = posixpath.join(top, f.rel)
@@ -383,7 +375,7 @@ def gather(c, remote_dir: str, patterns: Sequence[str], dest: str | os.PathLike[
     out = []
     with host_errors(host, f"gather from {remote_dir}"):
         sftp = c.sftp()
-        top = _sftp_abspath(sftp, remote_dir)
+        top = shell.home_relative(remote_dir)
         for rel in wanted:
             local = Path(dest) / rel
             size = manifest[rel][0]
