@@ -49,26 +49,22 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
             if pty:
                 chan.get_pty()
             chan.exec_command(command)
+            streams = ((chan.recv_ready, chan.recv, out, on_stdout),
+                       (chan.recv_stderr_ready, chan.recv_stderr, err, on_stderr))
             while True:
                 if timeout is not None and time.monotonic() - started > timeout:
                     raise CommandError(host, f"{action} did not finish within {timeout:g}s; "
                                        "it was stopped. Raise the timeout if it needs longer.")
                 select.select([chan], [], [], 0.5)
                 got = False
-                while chan.recv_ready():
-                    data = chan.recv(1 << 16)
-                    got = True
-                    if keep:
-                        out.append(data)
-                    if on_stdout:
-                        on_stdout(data)
-                while chan.recv_stderr_ready():
-                    data = chan.recv_stderr(1 << 16)
-                    got = True
-                    if keep:
-                        err.append(data)
-                    if on_stderr:
-                        on_stderr(data)
+                for ready, recv, kept, callback in streams:
+                    while ready():
+                        data = recv(1 << 16)
+                        got = True
+                        if keep:
+                            kept.append(data)
+                        if callback:
+                            callback(data)
                 if got:
                     continue
                 # paramiko marks a channel "exited" (-1) when it merely closed, e.g. the
