@@ -177,13 +177,13 @@ FACTS: Sequence[Fact] = (
 )
 
 
-def probe_command(host: Host, require: Sequence[str] = ()) -> str:
+def probe_command(host: Host, require: Sequence[str] = (), project: str | None = None) -> str:
     """The one command that gathers every fact: activate the env (noting failure),
     check the interpreter exists, run :data:`PROBE` with it."""
     args = {"require": list(require), "work_dir": host.work_dir, "marker": MARKER,
             "facts": [f.name for f in FACTS]}
     py = shell.q(host.python)
-    act = shell.run_activation(host)
+    act = shell.run_activation(host, project)
     script = shell.exports(host.env)
     if act:
         # Activate in this shell (a subshell would not keep it); keep its stderr for the report.
@@ -250,7 +250,7 @@ def interpret(host: Host, raw: dict, require: Sequence[str] = ()) -> dict:
     return report
 
 
-def check_env(c, *, require: Sequence[str] = ()) -> dict:
+def check_env(c, *, require: Sequence[str] = (), project: str | None = None) -> dict:
     """Gather and judge the facts of the host behind connection ``c`` (one round trip).
 
     Returns the per-host dict of ``check-env --json`` (``ok``, ``error``, ``python``, …).
@@ -258,7 +258,7 @@ def check_env(c, *, require: Sequence[str] = ()) -> dict:
     ``ok: false`` entries use :func:`fabfile.check.check_hosts`.
     """
     host: Host = c.fleet_host
-    result = execute(c, probe_command(host, require), timeout=60,
+    result = execute(c, probe_command(host, require, project), timeout=60,
                      action=f"run the environment probe with {host.python}")
     try:
         raw = parse_probe_output(result.stdout)
@@ -272,7 +272,8 @@ def check_env(c, *, require: Sequence[str] = ()) -> dict:
     return interpret(host, raw, require)
 
 
-def check_hosts(hosts, *, require: Sequence[str] = (), max_workers: int = 32) -> dict:
+def check_hosts(hosts, *, require: Sequence[str] = (), project: str | None = None,
+                max_workers: int = 32) -> dict:
     """:func:`check_env` on every host at once → the ``check-env --json`` document.
 
     ``{"ok": bool, "hosts": {name: {"ok", "error", "python", …}}}``; a host that cannot
@@ -283,7 +284,7 @@ def check_hosts(hosts, *, require: Sequence[str] = (), max_workers: int = 32) ->
 
     def one(host: Host) -> dict:
         with connect(host) as c:
-            return check_env(c, require=require)
+            return check_env(c, require=require, project=project)
 
     hosts = list(hosts)
     # Deadline: connect (TCP + banner + auth) plus the probe's own 60 s cap.

@@ -1,6 +1,8 @@
 """The inventory: one YAML file, validated into frozen :class:`Host` records.
 
-Connections are made elsewhere (:mod:`fabfile.connection`); this module is pure data.
+This module is pure data: :class:`HostSet` loads, validates and selects hosts. The
+:class:`fabfile.Inventory` users see (:mod:`fabfile.fleet`) adds what needs connections
+(``connect``, ``map``, ``executor``) on top, so nothing here imports a connection.
 Every validation error names the file, the host and the key, and what was expected::
 
     inventory.yaml: hosts.ws1.port: expected an integer between 1 and 65535, got 'abc'
@@ -149,8 +151,11 @@ def _validate_entry(where: str, data: Any, *, allow: Iterable[str]) -> dict[str,
     return out
 
 
-class Inventory:
-    """Hosts loaded from one file, in file order. Select with :meth:`select`."""
+class HostSet:
+    """Hosts loaded from one file, in file order. Select with :meth:`select`.
+
+    Local paths in the file (``key_file``, ``known_hosts``) that are relative resolve
+    against the file's own directory, so one inventory works from any project."""
 
     def __init__(self, hosts: Iterable[Host], path: str | os.PathLike[str] = "<memory>") -> None:
         self.path = str(path)
@@ -158,21 +163,21 @@ class Inventory:
 
     # -- loading ---------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Inventory:
+    def load(cls, path: str | os.PathLike[str]):
         """Read and validate ``path``; raise :class:`InventoryError` naming file and key."""
         p = Path(path).expanduser()
         try:
             text = p.read_text()
         except FileNotFoundError:
             raise InventoryError(
-                f"{p}: no such inventory file. Create one (see the README), point "
-                f"{ENV_VAR} at yours, or run `inv testbed.up` for a local test fleet.") from None
+                f"{p}: no such inventory file. Create one with `fabfleet init`, or point "
+                f"{ENV_VAR} at yours.") from None
         except OSError as exc:
             raise InventoryError(f"{p}: cannot read the inventory: {exc}") from None
         return cls.from_text(text, p)
 
     @classmethod
-    def from_text(cls, text: str, path: str | os.PathLike[str] = "<memory>") -> Inventory:
+    def from_text(cls, text: str, path: str | os.PathLike[str] = "<memory>"):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -183,7 +188,7 @@ class Inventory:
         return cls.from_dict(data, path)
 
     @classmethod
-    def from_dict(cls, data: Any, path: str | os.PathLike[str] = "<memory>") -> Inventory:
+    def from_dict(cls, data: Any, path: str | os.PathLike[str] = "<memory>"):
         _expect(isinstance(data, dict), f"{path}", "a mapping with 'hosts' (and optionally "
                 "'defaults')", data)
         unknown = set(data) - {"defaults", "hosts"}
@@ -202,6 +207,9 @@ class Inventory:
                     "host names made of letters, digits, '_', '.', '-'", name)
             own = _validate_entry(f"{path}: hosts.{name}", entry, allow=per_host)
             merged = {**defaults, **own}
+            for key in ("key_file", "known_hosts"):
+                if key in merged:
+                    merged[key] = _beside(path, merged[key])
             if "env" in defaults and "env" in own:
                 merged["env"] = {**defaults["env"], **own["env"]}
             hosts.append(Host(name=name, inherited=frozenset(set(defaults) - set(own)),
@@ -234,9 +242,9 @@ class Inventory:
         return ", ".join(self.hosts) or "(none)"
 
     def select(self, host: str | Iterable[str] | None = None, group: str | None = None,
-               all: bool = False) -> Inventory:  # noqa: A002 - mirrors --all
+               all: bool = False):  # noqa: A002 - mirrors --all
         """The hosts named by exactly one of ``host`` (names/globs, comma list),
-        ``group`` or ``all``, as a new :class:`Inventory` in file order."""
+        ``group`` or ``all``, as a new set of the same class, in file order."""
         given = [x for x in (host, group, all) if x]
         if len(given) != 1:
             raise InventoryError(
@@ -249,7 +257,7 @@ class Inventory:
             if group not in self.groups:
                 raise InventoryError(f"{self.path}: no group named {group!r}; known groups: "
                                      f"{', '.join(self.groups) or '(none)'}")
-            return Inventory([h for h in self if group in h.groups], self.path)
+            return type(self)([h for h in self if group in h.groups], self.path)
         patterns = [p.strip() for p in (host.split(",") if isinstance(host, str) else host)]
         chosen: set[str] = set()
         for pattern in filter(None, patterns):
@@ -258,21 +266,55 @@ class Inventory:
                 raise InventoryError(f"{self.path}: no host matches {pattern!r}; known hosts: "
                                      f"{self._known()}")
             chosen.update(matches)
-        return Inventory([h for h in self if h.name in chosen], self.path)
-
-    # -- helpers that need fabfile.connection / payload (imported lazily) -------------
-    def connect(self, name: str):
-        """A :class:`fabric.Connection` to host ``name`` with verified host keys."""
-        from .connection import connect
-        return connect(self[name])
-
-    def map(self, fn, items, **kwargs):
-        """Spread ``fn(item)`` over these hosts; see :func:`fabfile.payload.map_hosts`."""
-        from .payload import map_hosts
-        return map_hosts(self, fn, items, **kwargs)
+        if not chosen:
+            raise InventoryError(f"--host {host!r} names no host; known hosts: {self._known()}")
+        return type(self)([h for h in self if h.name in chosen], self.path)
 
 
-def find_inventory(configured: str | None = None) -> str:
-    """Where the inventory is: ``$FABFLEET_INVENTORY``, then the Invoke config key
-    ``fabfleet.inventory`` (passed as ``configured``), then ``./inventory.yaml``."""
-    return os.environ.get(ENV_VAR) or configured or DEFAULT_PATH
+def _beside(inventory_path: str | os.PathLike[str], local: str) -> str:
+    """A local path from the inventory: ``~`` expanded, relative ones next to the file."""
+    if os.path.isabs(local) or str(inventory_path).startswith("<"):
+        return local
+    return str(Path(inventory_path).expanduser().resolve().parent / local)
+
+
+def inventory_candidates(configured: str | None = None,
+                         start: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
+    """Where the inventory may be, in order: ``(where it came from, path)`` pairs."""
+    from .project import find_project
+    out = []
+    if os.environ.get(ENV_VAR):
+        out.append((f"${ENV_VAR}", os.path.expanduser(os.environ[ENV_VAR])))
+    if configured:
+        out.append(("Invoke config fabfleet.inventory", os.path.expanduser(str(configured))))
+    here = Path(start or os.getcwd()).resolve()
+    root = find_project(here)
+    for d in (here, *here.parents):
+        out.append((f"{DEFAULT_PATH} in {d}", str(d / DEFAULT_PATH)))
+        if d == root:
+            break
+    xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    out.append(("the user-wide inventory", os.path.join(xdg, "fabfleet", DEFAULT_PATH)))
+    return out
+
+
+def find_inventory(configured: str | None = None,
+                   start: str | os.PathLike[str] | None = None) -> str:
+    """The inventory's path; the first of: ``$FABFLEET_INVENTORY``, the Invoke config key
+    ``fabfleet.inventory`` (passed as ``configured``), ``inventory.yaml`` in ``start``
+    (default: the current directory) or a parent up to the project root, and
+    ``$XDG_CONFIG_HOME/fabfleet/inventory.yaml`` (``~/.config/…``).
+
+    An explicitly named file (the first two) is returned even if missing, so loading it
+    says so; otherwise :class:`InventoryError` lists every place searched.
+    """
+    candidates = inventory_candidates(configured, start)
+    for source, path in candidates:
+        if not source.startswith(DEFAULT_PATH) and source != "the user-wide inventory":
+            return path  # named explicitly: use it (a missing file is an error on load)
+        if os.path.isfile(path):
+            return path
+    searched = "\n".join(f"  {path}" for _, path in candidates)
+    raise InventoryError(
+        f"no inventory found. Searched:\n{searched}\nRun `fabfleet init` here to write a "
+        f"starter inventory.yaml, or set {ENV_VAR} to the path of yours.")

@@ -231,7 +231,7 @@ class _Hello:
 class Worker:
     """One remote interpreter on one channel; one call at a time."""
 
-    def __init__(self, c, timeout: float) -> None:
+    def __init__(self, c, timeout: float, project: str | None = None) -> None:
         self.c = c
         self.host: Host = c.fleet_host
         self.buf = bytearray()
@@ -242,9 +242,9 @@ class Worker:
             self.chan = c.client.get_transport().open_session(timeout=timeout)
             cache = f"~/.cache/fabfleet/cloudpickle-{cloudpickle.__version__}"
             py = shell.q(self.host.python)
-            from .runs import _env_prefix  # the same env as runs: venv/conda, env vars
+            # The same env as runs: env vars, venv/conda env or the project's venv.
             self.chan.exec_command(shell.sh(
-                _env_prefix(self.host) + f"exec {py} -u -c {shell.q(WORKER)} "
+                shell.env_prefix(self.host, project) + f"exec {py} -u -c {shell.q(WORKER)} "
                 f"{shell.q(cloudpickle.__version__)} {shell.q(cache)} fabfleet-worker"))
         kind, data = self._read_frame(deadline=time.monotonic() + timeout)
         if kind == b"N":
@@ -365,8 +365,9 @@ def _cloudpickle_zip() -> bytes:
 
 # -- the pool: one connection per host, workers reused ----------------------------------
 class _HostPool:
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, project: str | None = None) -> None:
         self.host = host
+        self.project = project
         self.conn = None
         self.idle: list[Worker] = []
         self.slots = threading.BoundedSemaphore(host.max_jobs)
@@ -395,7 +396,8 @@ class _HostPool:
         return self._start()
 
     def _start(self) -> Worker:
-        w = Worker(self.connection(), timeout=max(30.0, self.host.connect_timeout * 3))
+        w = Worker(self.connection(), timeout=max(30.0, self.host.connect_timeout * 3),
+                   project=self.project)
         check_python(self.host, w.hello)
         return w
 
@@ -433,12 +435,20 @@ _pools: dict[tuple[str, str], _HostPool] = {}
 _pools_lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=64)
+def _project_of(cwd: str) -> str:
+    from .project import find_project, project_name
+    return project_name(find_project(cwd))
+
+
 def _pool(host: Host) -> _HostPool:
-    key = (host.name, repr(host))
+    """The pool for ``host`` in the current project (whose venv workers activate)."""
+    project = _project_of(os.getcwd())
+    key = (host.name, repr(host), project)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
-            pool = _pools[key] = _HostPool(host)
+            pool = _pools[key] = _HostPool(host, project)
         return pool
 
 
@@ -523,8 +533,8 @@ def remote(host: str, inventory: str | os.PathLike[str] | None = None):
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from .inventory import Inventory, find_inventory
-            inv = Inventory.load(inventory or find_inventory())
+            from .inventory import HostSet, find_inventory
+            inv = HostSet.load(inventory or find_inventory())
             return call_on_host(inv[host], dumps_call(fn, *args, **kwargs))
         wrapper.local = fn
         return wrapper

@@ -1,11 +1,12 @@
 """Work dirs and script runs on hosts.
 
-Remote layout, under each host's ``work_dir`` (mode 0700)::
+Remote layout, under each host's ``work_dir`` (mode 0700; see :mod:`fabfile.project`)::
 
-    <work_dir>/<project>/        the pushed project; scripts run here (their cwd)
-    <work_dir>/runs/<run id>/    one per run: stdout, stderr, exit_code, timing.json,
-                                 command.json, pid (and the script, when not pushed)
-    <work_dir>/venv/             made by setup-workdir --requirements; used by runs
+    <work_dir>/<project>/                 the pushed project; scripts run in it
+    <work_dir>/.runs/<project>/<run id>/  one per run: stdout, stderr, exit_code,
+                                          timing.json, command.json, pid (and the
+                                          script, when it travelled alone)
+    <work_dir>/.venvs/<project>/          made by setup-workdir --requirements
 
 A run is one SSH channel: a small stdlib-only runner (:data:`RUNNER`) starts the script
 in its own process group, tees its output to the run dir and to us as it arrives, and
@@ -18,6 +19,7 @@ import base64
 import io
 import json
 import os
+import posixpath
 import re
 import secrets
 import socket
@@ -31,16 +33,21 @@ from . import shell
 from .errors import CommandError, FleetError, LocalError, RunInterrupted, host_errors
 from .execute import execute
 from .inventory import Host
+from .project import layout
 
 RUNNER = r'''
 import json, os, signal, subprocess, sys, threading, time
 spec = json.loads(sys.argv[1])
 run_dir = os.path.expanduser(spec["run_dir"])
 cwd = os.path.expanduser(spec["cwd"])
-for d in (os.path.expanduser(spec["work_dir"]), os.path.dirname(run_dir), run_dir, cwd):
+for d in (os.path.expanduser(spec["work_dir"]), os.path.dirname(os.path.dirname(run_dir)),
+          os.path.dirname(run_dir), run_dir, cwd):
     os.makedirs(d, mode=0o700, exist_ok=True)
 os.chmod(os.path.expanduser(spec["work_dir"]), 0o700)
 script = spec["script"] and os.path.expanduser(spec["script"])
+if script and not os.path.isfile(script):
+    sys.stderr.write("fabfleet-error: script: %s is not on this host\n" % script)
+    sys.exit(96)
 if spec.get("script_b64") is not None:
     script = os.path.join(run_dir, spec["script_name"])
     import base64
@@ -93,7 +100,7 @@ sys.exit(code)
 '''
 
 INLINE_LIMIT = 256 * 1024  # scripts up to this size travel inside the command line
-_ERR = "fabfleet-error:"
+_ERR = shell.ERR
 
 
 def new_run_id() -> str:
@@ -102,37 +109,25 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{machine}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def layout(host: Host, project: str) -> dict[str, str]:
-    wd = host.work_dir.rstrip("/") or "/"
-    return {"work_dir": wd, "project": f"{wd}/{project}", "runs": f"{wd}/runs",
-            "venv": f"{wd}/venv"}
-
-
-def _env_prefix(host: Host) -> str:
-    """Activation for runs: the host's venv/conda env, else the work dir's venv if any."""
-    act = shell.run_activation(host)
-    py = shell.q(host.python)
-    return (shell.exports(host.env)
-            + f"{{ {act}; }} || {{ echo {shell.q(_ERR + ' env')} >&2; exit 97; }}; "
-            + f"command -v {py} >/dev/null 2>&1 || {{ echo "
-            f"{shell.q(f'{_ERR} python: {host.python} not found on this host')} >&2; "
-            "exit 127; }; ")
-
-
 # -- setup-workdir ---------------------------------------------------------------------
-def setup_workdir(c, *, requirements: str | os.PathLike[str] | None = None,
+def setup_workdir(c, *, project: str | None = None,
+                  requirements: str | os.PathLike[str] | None = None,
                   timeout: float = 1800) -> dict:
-    """Create the work dir (0700) and its ``runs/``; idempotent.
+    """Create the work dir (0700) and, for ``project``, its run dir; idempotent.
 
-    With ``requirements`` (a local requirements.txt), also make ``<work_dir>/venv`` (if
-    missing) and ``pip install -r`` into it; later runs on the host use that venv unless
-    the inventory names a ``venv`` or ``conda_env``. Returns what was done.
+    With ``requirements`` (a local requirements.txt), also make the project's venv
+    ``<work_dir>/.venvs/<project>`` (if missing) and ``pip install -r`` into it; that
+    project's runs and payloads then use it unless the inventory names a ``venv`` or
+    ``conda_env``. Returns ``{"work_dir", "venv", "installed"}``.
     """
     host: Host = c.fleet_host
-    lay = layout(host, "")
-    wd, runs = shell.path(lay["work_dir"]), shell.path(lay["runs"])
-    script = (f"mkdir -p {wd} {runs} && chmod 700 {wd} {runs} && "
-              f"cd {wd} && pwd")
+    if requirements is not None and not project:
+        raise LocalError("setup_workdir: requirements need a project (the venv is per project)")
+    lay = layout(host, project or "")
+    dirs = [lay["work_dir"]] + ([lay["all_runs"], lay["runs"]] if project else [])
+    quoted = " ".join(shell.path(d) for d in dirs)
+    script = (f"mkdir -p -- {quoted} && chmod 700 -- {quoted} && "
+              f"cd -- {shell.path(lay['work_dir'])} && pwd")
     result = execute(c, shell.sh(script), timeout=60, action=f"create {lay['work_dir']}")
     if result.exit_code != 0:
         raise CommandError(host.name, f"could not create work dir {lay['work_dir']}: "
@@ -149,11 +144,12 @@ def setup_workdir(c, *, requirements: str | os.PathLike[str] | None = None,
     blob = base64.b64encode(req.read_bytes()).decode()
     py = shell.q(host.python)
     script = (
-        f"cd {wd} && umask 077 && "
-        f"printf %s {shell.q(blob)} | base64 -d > requirements.txt && "
-        f"{{ [ -x {venv}/bin/python ] || {py} -m venv {venv} || "
+        f"umask 077 && mkdir -p -- {shell.path(posixpath.dirname(lay['venv']))} && "
+        f"{{ [ -x {venv}/bin/python ] || {py} -m venv -- {venv} || "
         f"{{ echo {shell.q(_ERR + ' venv')} >&2; exit 98; }}; }} && "
-        f"{venv}/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt")
+        f"printf %s {shell.q(blob)} | base64 -d > {venv}/requirements.txt && "
+        f"{venv}/bin/python -m pip install --disable-pip-version-check -q "
+        f"-r {venv}/requirements.txt")
     result = execute(c, shell.sh(script), timeout=timeout,
                      action=f"create the venv and pip install -r {req.name}")
     if result.exit_code != 0:
@@ -196,15 +192,17 @@ def host_slot(host: Host) -> threading.Semaphore:
 
 def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
                project: str | None = None, script_in_project: str | None = None,
-               run_id: str | None = None, on_stdout: Callable[[bytes], None] | None = None,
+               cwd: str = "", run_id: str | None = None,
+               on_stdout: Callable[[bytes], None] | None = None,
                on_stderr: Callable[[bytes], None] | None = None,
                timeout: float | None = None) -> RunResult:
     """Run a Python script on the host with its Python, env and ``env`` vars.
 
-    The working directory is ``<work_dir>/<project>`` (``project`` defaults to the local
-    script's directory name). ``script_in_project`` (a path relative to it) runs a
-    pushed file; otherwise the local ``script`` is sent with the run. Output reaches
-    ``on_stdout``/``on_stderr`` as it is produced; the exit code is returned, not raised.
+    The script runs in ``<work_dir>/<project>/<cwd>`` (``project`` defaults to the local
+    script's directory name; ``cwd`` is relative to it). ``script_in_project`` (a posix
+    path relative to the project) runs a pushed file; otherwise the local ``script`` is
+    sent with the run. Output reaches ``on_stdout``/``on_stderr`` as it is produced; the
+    exit code is returned, not raised.
     """
     host: Host = c.fleet_host
     script = Path(script)
@@ -214,10 +212,11 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     lay = layout(host, project)
     run_id = run_id or new_run_id()
     run_dir = f"{lay['runs']}/{run_id}"
-    spec = {"run_id": run_id, "run_dir": run_dir, "cwd": lay["project"],
+    spec = {"run_id": run_id, "run_dir": run_dir,
+            "cwd": posixpath.join(lay["project"], cwd) if cwd not in ("", ".") else lay["project"],
             "work_dir": lay["work_dir"], "args": list(args)}
     if script_in_project is not None:
-        spec.update(script=script_in_project, script_b64=None)
+        spec.update(script=f"{lay['project']}/{script_in_project}", script_b64=None)
     else:
         data = script.read_bytes()
         spec.update(script=None, script_name=script.name,
@@ -225,14 +224,16 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
         if len(data) > INLINE_LIMIT:
             _upload(c, data, run_dir, script.name)
             spec.update(script=f"{run_dir}/{script.name}", script_b64=None)
-    command = shell.sh(_env_prefix(host) + f"exec {shell.q(host.python)} -c "
+    command = shell.sh(shell.env_prefix(host, project) + f"exec {shell.q(host.python)} -c "
                        f"{shell.q(RUNNER)} {shell.q(json.dumps(spec))}")
     tail = bytearray()
 
     def keep_stderr(data: bytes) -> None:
         tail.extend(data)
         del tail[:-8192]
-        if on_stderr:
+        # Our own markers (env, interpreter, script missing) come before the user's
+        # program starts, each in one write; they become the error raised below.
+        if on_stderr and not data.startswith(_ERR.encode()):
             on_stderr(data)
 
     key = (host.name, run_dir)
@@ -255,8 +256,12 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     if _ERR + " env" in stderr_tail and code == 97:
         raise CommandError(host.name, f"the host's environment did not activate: "
                            f"{stderr_tail.replace(_ERR + ' env', '').strip()}. Fix `venv` / "
-                           "`conda_env` in the inventory or run `inv setup-workdir`.",
+                           "`conda_env` in the inventory or run `fabfleet setup-workdir`.",
                            exit_code=code, stderr=stderr_tail)
+    if _ERR + " script" in stderr_tail and code == 96:
+        raise CommandError(host.name, f"{script_in_project} is not in {lay['project']} on the "
+                           "host: push the project first (`fabfleet push`), or run without "
+                           "--no-push.", exit_code=code, stderr=stderr_tail)
     return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail)
 
 
@@ -295,17 +300,18 @@ def stop_active_runs(grace: float = 2.0) -> list[str]:
     return sorted(stopped)
 
 
-def clean(c, *, project: str | None = None, runs: bool = True) -> list[str]:
-    """Remove run dirs (``runs``) and, with ``project``, the pushed ``<work_dir>/<project>``.
-    Returns the remote paths removed."""
+def clean(c, project: str, *, code: bool = False, venv: bool = False,
+          all_projects: bool = False) -> list[str]:
+    """Remove ``project``'s run dirs on the host (``<work_dir>/.runs/<project>``); with
+    ``code`` its pushed copy, with ``venv`` its venv, with ``all_projects`` the run dirs
+    of every project. Other projects' files are never touched otherwise. Returns the
+    remote paths removed."""
     host: Host = c.fleet_host
-    lay = layout(host, project or "")
-    targets = ([lay["runs"]] if runs else []) + ([lay["project"]] if project else [])
-    if not targets:
-        return []
+    lay = layout(host, project)
+    targets = [lay["all_runs"] if all_projects else lay["runs"]]
+    targets += [lay["project"]] if code else []
+    targets += [lay["venv"]] if venv else []
     script = "rm -rf -- " + " ".join(shell.path(t) for t in targets)
-    if runs:
-        script += f" && mkdir -p {shell.path(lay['runs'])} && chmod 700 {shell.path(lay['runs'])}"
     result = execute(c, shell.sh(script), timeout=600, action="clean the work dir")
     if result.exit_code != 0:
         raise CommandError(host.name, f"clean failed: {result.stderr.strip()[-500:]}",
@@ -314,62 +320,72 @@ def clean(c, *, project: str | None = None, runs: bool = True) -> list[str]:
 
 
 def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequence[str] = (),
-             *, project_dir: str | os.PathLike[str] | None = None, push_project: bool = False,
+             *, project_root: str | os.PathLike[str] | None = None, project: str | None = None,
+             cwd: str | os.PathLike[str] | None = None, push_project: bool = True,
              excludes: Sequence[str] = (), max_parallel: int = 32,
              on_output: Callable[[str, str, bytes], None] | None = None,
              log_root: str | os.PathLike[str] | None = None, timeout: float | None = None):
     """Run ``script`` on every host at once (one run id for all); a per-host map.
 
-    ``project_dir`` (default: the script's directory) names the remote project dir;
-    with ``push_project`` it is pushed first and the script runs from it. Output goes to
-    ``on_output(host, "stdout"|"stderr", bytes)`` live and, with ``log_root``, to
-    ``<log_root>/<host>/runs/<run id>/{stdout,stderr}`` as it arrives, so it survives a
-    host that dies mid-run. Ctrl-C stops every remote run, then raises
+    ``project_root`` (default: :func:`~fabfile.project.find_project` of ``cwd``) is the
+    local project; ``project`` its remote name (default: the root's name). When the
+    script lies inside the project, the project is pushed first (incremental; skipped
+    with ``push_project=False``) and the script runs from the pushed copy, in the remote
+    counterpart of ``cwd`` (default: the current directory) — so the project's own
+    modules import and relative paths work as they do locally. A script outside the
+    project travels alone and runs in the remote project dir.
+
+    Output goes to ``on_output(host, "stdout"|"stderr", bytes)`` live and, with
+    ``log_root``, to ``<log_root>/<host>/runs/<run id>/{stdout,stderr}`` as it arrives, so
+    it survives a host that dies mid-run. Ctrl-C stops every remote run, then raises
     :class:`~fabfile.errors.RunInterrupted`. Returns a
     :class:`~fabfile.fanout.FanOutResult` of :class:`RunResult`.
     """
     from .connection import connect
     from .fanout import fan_out
-    from .transfer import push
+    from .project import find_project, project_name, relative_inside
+    from .transfer import local_files, push
 
     script = Path(script)
     if not script.is_file():
         raise LocalError(f"{script}: script not found (nothing was sent to any host)")
-    project_dir = Path(project_dir or script.resolve().parent).resolve()
-    rel = None
-    if push_project:
-        try:
-            rel = script.resolve().relative_to(project_dir).as_posix()
-        except ValueError:
-            rel = None  # script outside the project: it travels with the run
+    cwd = Path(cwd or os.getcwd()).resolve()
+    root = Path(project_root).resolve() if project_root else find_project(cwd)
+    name = project_name(root, project)
+    rel = relative_inside(script, root)
+    to_push = None
+    if rel is not None and push_project:
+        to_push = local_files(root, excludes)
+        if rel not in {f.rel for f in to_push}:
+            rel = None  # excluded from the push (.gitignore, --exclude): it travels alone
+    run_cwd = relative_inside(cwd, root) or ""
     run_id = new_run_id()
 
     def one(host: Host) -> RunResult:
-        files = {}
+        logs = {}
 
         def sink(stream: str):
             def write(data: bytes) -> None:
                 if log_root is not None:
-                    if stream not in files:  # opened on first output: no empty logs
+                    if stream not in logs:  # opened on first output: no empty logs
                         d = Path(log_root) / host.name / "runs" / run_id
                         d.mkdir(parents=True, exist_ok=True)
-                        files[stream] = open(d / stream, "wb")
-                    files[stream].write(data)
-                    files[stream].flush()
+                        logs[stream] = open(d / stream, "wb")
+                    logs[stream].write(data)
+                    logs[stream].flush()
                 if on_output:
                     on_output(host.name, stream, data)
             return write
         try:
             with connect(host) as c:
-                if push_project:
-                    push(c, project_dir, layout(host, project_dir.name)["project"],
-                         excludes=excludes)
-                return run_script(c, script, args, project=project_dir.name,
-                                  script_in_project=rel, run_id=run_id,
+                if to_push is not None:
+                    push(c, root, layout(host, name)["project"], files=to_push)
+                return run_script(c, script, args, project=name, script_in_project=rel,
+                                  cwd=run_cwd, run_id=run_id,
                                   on_stdout=sink("stdout"), on_stderr=sink("stderr"),
                                   timeout=timeout)
         finally:
-            for f in files.values():
+            for f in logs.values():
                 f.close()
 
     try:

@@ -10,6 +10,7 @@ import shlex
 from collections.abc import Iterable, Mapping
 
 from .inventory import Host
+from .project import layout
 
 q = shlex.quote
 
@@ -81,11 +82,30 @@ def activation(host: Host, venv: str | None = None) -> str:
     return ""
 
 
-def run_activation(host: Host) -> str:
-    """The env runs, payloads and check-env use: the inventory's venv/conda env, else
-    ``<work_dir>/venv`` when ``setup-workdir --requirements`` made one."""
+def run_activation(host: Host, project: str | None = None) -> str:
+    """The env runs, payloads and check-env use: the inventory's venv/conda env, else the
+    project's venv (``<work_dir>/.venvs/<project>``) when ``setup-workdir
+    --requirements`` made one, else none."""
     act = activation(host)
-    if act:
+    if act or not project:
         return act
-    venv = f"{host.work_dir.rstrip('/')}/venv/bin/activate"
-    return f"if [ -f {path(venv)} ]; then . {path(venv)}; fi"
+    activate = path(f"{layout(host, project)['venv']}/bin/activate")
+    return f"if [ -f {activate} ]; then . {activate}; fi"
+
+
+ERR = "fabfleet-error:"  # marks our own failures on stderr, apart from the user's program
+
+
+def env_prefix(host: Host, project: str | None = None) -> str:
+    """Shell that sets the host's ``env`` vars, activates its env (see
+    :func:`run_activation`) and checks the interpreter exists, before ``exec PYTHON …``.
+
+    Fails with exit 97 (``fabfleet-error: env``) when the env does not activate and 127
+    (``fabfleet-error: python``) when the interpreter is missing."""
+    act = run_activation(host, project) or "true"
+    py = q(host.python)
+    return (exports(host.env)
+            + f"{{ {act}; }} || {{ echo {q(ERR + ' env')} >&2; exit 97; }}; "
+            + f"command -v {py} >/dev/null 2>&1 || {{ echo "
+            f"{q(f'{ERR} python: {host.python} not found on this host')} >&2; "
+            "exit 127; }; ")

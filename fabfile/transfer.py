@@ -168,15 +168,35 @@ class PushResult:
     seconds: float = 0.0
 
 
-def _remote_has_rsync(c, remote_dir: str) -> bool:
-    cmd = shell.sh(f"mkdir -p {shell.path(remote_dir)} || exit 1; "
-                   "if command -v rsync >/dev/null 2>&1; then echo rsync; else echo none; fi")
-    result = execute(c, cmd, timeout=60, action=f"create {remote_dir}")
-    if result.exit_code != 0:
+def _remote_state(c, remote_dir: str) -> tuple[bool, dict[str, tuple[int, int]]]:
+    """One round trip: create ``remote_dir``, say whether the host has rsync, and list
+    the files already there (``{rel: (size, mtime)}``; GNU find, else SFTP)."""
+    d = shell.path(remote_dir)
+    cmd = shell.sh(f"mkdir -p -- {d} && cd -- {d} || exit 1; "
+                   "if command -v rsync >/dev/null 2>&1; then echo rsync; else echo none; fi; "
+                   "find . -type f -printf '%P\\0%s\\0%T@\\0' || exit 3")
+    result = execute(c, cmd, timeout=300, action=f"list files in {remote_dir}")
+    if result.exit_code == 1:
         raise TransferError(c.fleet_host.name, f"could not create {remote_dir}: "
                             f"{result.stderr.strip() or result.stdout.strip()}. Check that "
                             "`work_dir` in the inventory is writable for the user.")
-    return result.stdout.strip() == "rsync"
+    first, _, listing = result.stdout.partition("\n")
+    if result.exit_code != 0:
+        return first.strip() == "rsync", _sftp_manifest(c, remote_dir)
+    return first.strip() == "rsync", parse_find_listing(listing)
+
+
+def parse_find_listing(text: str) -> dict[str, tuple[int, int]]:
+    """``find -printf '%P\\0%s\\0%T@\\0'`` output → ``{rel: (size, whole-second mtime)}``
+    (NUL-separated, so names with newlines survive)."""
+    parts = text.split("\0")
+    manifest = {}
+    for i in range(0, len(parts) - 2, 3):
+        try:
+            manifest[parts[i]] = (int(parts[i + 1]), int(float(parts[i + 2])))
+        except ValueError:
+            continue
+    return manifest
 
 
 def ssh_command_for(c) -> list[str]:
@@ -203,21 +223,32 @@ def ssh_command_for(c) -> list[str]:
 
 def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
          excludes: Sequence[str] = (), method: str = "auto",
-         on_progress: Progress | None = None) -> PushResult:
+         on_progress: Progress | None = None,
+         files: Sequence[LocalFile] | None = None) -> PushResult:
     """Sync ``local_dir`` into ``remote_dir`` on the host; return what was sent.
 
     ``method`` is ``"auto"`` (rsync when both ends have it, else SFTP), ``"rsync"`` or
-    ``"sftp"``. Remote files not in the local tree are left alone (runs write results
-    into the project directory).
+    ``"sftp"``. One round trip lists the remote tree first; files whose size and mtime
+    already match are not sent, so an unchanged tree costs that round trip alone.
+    ``files`` is :func:`local_files`' answer when the caller already has it. Remote
+    files not in the local tree are left alone (runs write results into the project).
     """
+    if method not in ("auto", "rsync", "sftp"):
+        raise LocalError(f"push method {method!r}: expected auto, rsync or sftp")
     started = time.monotonic()
-    files = local_files(local_dir, excludes)
-    remote_rsync = _remote_has_rsync(c, remote_dir)
-    use_rsync = method == "rsync" or (method == "auto" and remote_rsync and shutil.which("rsync"))
-    if use_rsync:
-        result = _push_rsync(c, Path(local_dir), remote_dir, files, on_progress)
+    files = list(files) if files is not None else local_files(local_dir, excludes)
+    remote_rsync, manifest = _remote_state(c, remote_dir)
+    use_rsync = method == "rsync" or (method == "auto" and remote_rsync
+                                      and shutil.which("rsync") is not None)
+    changed = [f for f in files if manifest.get(f.rel) != (f.size, f.mtime)]
+    if not changed:
+        result = PushResult(c.fleet_host.name, "rsync" if use_rsync else "sftp", 0, 0,
+                            len(files), remote_dir)
+    elif use_rsync:
+        result = _push_rsync(c, Path(local_dir), remote_dir, changed, on_progress)
     else:
-        result = _push_sftp(c, Path(local_dir), remote_dir, files, on_progress)
+        result = _push_sftp(c, Path(local_dir), remote_dir, changed, on_progress)
+    result.files_total = len(files)
     result.seconds = time.monotonic() - started
     return result
 
@@ -290,8 +321,7 @@ def _parse_rsync_stats(text: str) -> dict[str, int]:
 def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
                on_progress: Progress | None) -> PushResult:
     host = c.fleet_host.name
-    remote = remote_manifest(c, remote_dir)
-    changed = [f for f in files if remote.get(f.rel) != (f.size, f.mtime)]
+    changed = files
     total = sum(f.size for f in changed)
     done = 0
     with host_errors(host, f"push to {remote_dir} over SFTP"):

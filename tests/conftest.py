@@ -49,7 +49,26 @@ def docker_cleanup():
 
 
 @pytest.fixture(scope="session")
-def fleet(docker_services, tmp_path_factory):
+def user_install(tmp_path_factory) -> Path:
+    """fabfleet as a user gets it: a wheel built from this checkout and installed, not
+    editable, into a fresh venv outside the repo. Returns the venv's ``bin`` dir.
+
+    Every CLI test runs this ``fabfleet`` (or its ``inv``), so a module or file missing
+    from the wheel fails the suite."""
+    d = tmp_path_factory.mktemp("user-install")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--disable-pip-version-check", "-w", str(d / "dist"), str(ROOT)],
+                   check=True, capture_output=True, timeout=600)
+    wheel, = (d / "dist").glob("fabfleet-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", str(d / "venv")], check=True, timeout=300)
+    subprocess.run([str(d / "venv" / "bin" / "pip"), "install", "-q",
+                    "--disable-pip-version-check", str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    return d / "venv" / "bin"
+
+
+@pytest.fixture(scope="session")
+def fleet(docker_services, tmp_path_factory, user_install):
     """The running testbed: ``fleet.inventory_path``, ``fleet.known_hosts``, ``fleet.port()``."""
     for name in testbed.HOSTS:
         docker_services.wait_until_responsive(
@@ -78,6 +97,13 @@ def fleet(docker_services, tmp_path_factory):
         def container(name: str) -> str:
             return f"fabfleet-tests_{name}_1"
 
+        @staticmethod
+        def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+            """``fabfleet ARGS`` from the user install (see :func:`user_cli`)."""
+            return user_cli(user_install, *args, **kwargs)
+
+        bin = user_install
+
     return Fleet
 
 
@@ -93,12 +119,14 @@ def _isolated_ssh(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
 
 
-def inv_cli(*args: str, inventory: Path | None = None, cwd: Path | None = None,
-            timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``inv ARGS`` as a user would (this repo's tasks.py), capture everything."""
+def user_cli(bin_dir: Path, *args: str, inventory: Path | None = None,
+             cwd: Path | None = None, timeout: float = 120, env: dict | None = None,
+             program: str = "fabfleet") -> subprocess.CompletedProcess:
+    """Run ``fabfleet ARGS`` (or ``inv``) from the user install, as a user would: in
+    ``cwd`` (default: a directory outside the repo), capturing everything."""
     full_env = {**os.environ, **(env or {})}
+    full_env.pop("PYTHONPATH", None)
     if inventory is not None:
         full_env["FABFLEET_INVENTORY"] = str(inventory)
-    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
-                          capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=cwd or ROOT)
+    return subprocess.run([str(bin_dir / program), *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or full_env["HOME"])

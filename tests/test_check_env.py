@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import time
 
-from conftest import inv_cli
+
 
 from fabfile import check_env, check_hosts, fan_out
 
 
 def test_check_env_json_contract(fleet):
-    r = inv_cli("check-env", "--all", "--json", inventory=fleet.inventory_path)
+    r = fleet.cli("check-env", "--all", "--json", inventory=fleet.inventory_path)
     assert r.returncode == 1, r.stderr  # nopy, oldpy's missing nothing, down: not all ok
     doc = json.loads(r.stdout)
     assert set(doc) == {"ok", "hosts"} and doc["ok"] is False
@@ -32,14 +32,14 @@ def test_check_env_json_contract(fleet):
 
 
 def test_check_env_exit_zero_when_all_pass_and_table(fleet):
-    r = inv_cli("check-env", "--group", "lab", inventory=fleet.inventory_path)
+    r = fleet.cli("check-env", "--group", "lab", inventory=fleet.inventory_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4/4 hosts ready" in r.stdout
     assert "2× A100-SXM4-40GB" in r.stdout
 
 
 def test_require_missing_package_fails_with_advice(fleet):
-    r = inv_cli("check-env", "--host", "ws1", "--require", "json,numpy", "--json",
+    r = fleet.cli("check-env", "--host", "ws1", "--require", "json,numpy", "--json",
                 inventory=fleet.inventory_path)
     assert r.returncode == 1
     ws1 = json.loads(r.stdout)["hosts"]["ws1"]
@@ -48,19 +48,19 @@ def test_require_missing_package_fails_with_advice(fleet):
 
 
 def test_unknown_host_lists_known_ones(fleet):
-    r = inv_cli("check-env", "--host", "ws9", inventory=fleet.inventory_path)
+    r = fleet.cli("check-env", "--host", "ws9", inventory=fleet.inventory_path)
     assert r.returncode == 2
     assert "no host matches 'ws9'; known hosts: ws1, ws2, gpu1, ws3, nopy, oldpy, down" in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_broken_yaml_and_password_are_clean_errors(tmp_path):
+def test_broken_yaml_and_password_are_clean_errors(fleet, tmp_path):
     bad = tmp_path / "inv.yaml"
     bad.write_text("hosts:\n  ws1: {port: 22\n")
-    r = inv_cli("check-env", "--all", inventory=bad)
+    r = fleet.cli("check-env", "--all", inventory=bad)
     assert r.returncode == 2 and f"{bad}: not valid YAML (line" in r.stderr
     bad.write_text("hosts:\n  ws1: {password: s3cret}\n")
-    r = inv_cli("hosts", inventory=bad)
+    r = fleet.cli("hosts", inventory=bad)
     assert r.returncode == 2 and "hosts.ws1.password: passwords are not accepted" in r.stderr
     assert "s3cret" not in r.stderr and "Traceback" not in r.stderr
 
@@ -71,14 +71,14 @@ def test_unknown_host_key_in_check_env(fleet, tmp_path):
     text = fleet.inventory_path.read_text().replace(str(fleet.known_hosts), str(empty))
     inv = tmp_path / "inv.yaml"
     inv.write_text(text)
-    r = inv_cli("check-env", "--host", "ws2", "--json", inventory=inv)
+    r = fleet.cli("check-env", "--host", "ws2", "--json", inventory=inv)
     ws2 = json.loads(r.stdout)["hosts"]["ws2"]
     assert r.returncode == 1 and ws2["ok"] is False and ws2["error_type"] == "HostKeyError"
     assert "ssh-keyscan -p" in ws2["error"]
 
 
 def test_hosts_table(fleet):
-    r = inv_cli("hosts", inventory=fleet.inventory_path)
+    r = fleet.cli("hosts", inventory=fleet.inventory_path)
     assert r.returncode == 0
     for name in ("ws1", "gpu1", "down", "pypy3", "lab,gpu"):
         assert name in r.stdout

@@ -91,12 +91,52 @@ def test_bad_selection_lists_known_names(kwargs, message):
         load(GOOD).select(**kwargs)
 
 
-def test_inventory_location_env_beats_config_beats_default(monkeypatch):
+def test_inventory_discovery_order(monkeypatch, tmp_path):
+    """env > config > ./inventory.yaml or a parent up to the project root > XDG."""
     monkeypatch.delenv("FABFLEET_INVENTORY", raising=False)
-    assert find_inventory() == "inventory.yaml"
-    assert find_inventory("conf.yaml") == "conf.yaml"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "outer" / "proj"
+    sub = root / "a" / "b"
+    sub.mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    (tmp_path / "outer" / "inventory.yaml").write_text("")  # above the project: not used
+    with pytest.raises(InventoryError, match="no inventory found") as info:
+        find_inventory(start=sub)
+    assert str(tmp_path / "outer" / "inventory.yaml") not in str(info.value)
+    assert "fabfleet init" in str(info.value)
+    (tmp_path / "xdg" / "fabfleet").mkdir(parents=True)
+    (tmp_path / "xdg" / "fabfleet" / "inventory.yaml").write_text("")
+    assert find_inventory(start=sub) == str(tmp_path / "xdg" / "fabfleet" / "inventory.yaml")
+    (root / "inventory.yaml").write_text("")
+    assert find_inventory(start=sub) == str(root / "inventory.yaml")
+    (sub / "inventory.yaml").write_text("")
+    assert find_inventory(start=sub) == str(sub / "inventory.yaml")
+    assert find_inventory("conf.yaml", start=sub) == "conf.yaml"
     monkeypatch.setenv("FABFLEET_INVENTORY", "env.yaml")
-    assert find_inventory("conf.yaml") == "env.yaml"
+    assert find_inventory("conf.yaml", start=sub) == "env.yaml"
+
+
+def test_relative_local_paths_resolve_next_to_the_inventory(tmp_path):
+    path = tmp_path / "conf" / "inventory.yaml"
+    path.parent.mkdir()
+    path.write_text("defaults: {key_file: keys/id, known_hosts: ./kh}\n"
+                    "hosts: {ws1: {}, ws2: {key_file: /abs/id}}\n")
+    inv = Inventory.load(path)
+    assert inv["ws1"].key_file == str(tmp_path / "conf" / "keys" / "id")
+    assert inv["ws1"].known_hosts == str(tmp_path / "conf" / "kh")
+    assert inv["ws2"].key_file == "/abs/id"
+
+
+def test_project_root_and_name(tmp_path):
+    from fabfile import find_project, project_name
+    (tmp_path / "p" / "x" / "y").mkdir(parents=True)
+    assert find_project(tmp_path / "p" / "x" / "y") == tmp_path / "p" / "x" / "y"
+    (tmp_path / "p" / ".git").mkdir()
+    assert find_project(tmp_path / "p" / "x" / "y") == tmp_path / "p"
+    assert project_name(tmp_path / "p") == "p"
+    assert project_name("/x/my proj!") == "my_proj_"
+    assert project_name("/x/.hidden") == "hidden" and project_name("/x/...") == "project"
+    assert project_name("/x/p", override="other") == "other"
 
 
 def test_shipped_example_inventory_is_valid():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import payload_funcs as pf
 import pytest
-from conftest import inv_cli
+
 
 import fabfile
 from fabfile import (CommandError, ConnectError, MapError, PythonMismatchError, RemoteError,
@@ -206,7 +206,7 @@ def test_map_routes_around_dead_and_mismatched_hosts(inv):
 def test_run_pickle_cli_saves_results_and_summary(fleet, tmp_path):
     save_payload(tmp_path / "job.pkl", pf.fibonacci, 30)
     save_payload(tmp_path / "bad.pkl", pf.fails, "nope")
-    r = inv_cli("run-pickle", "--host", "ws1,gpu1,down", str(tmp_path / "job.pkl"),
+    r = fleet.cli("run-pickle", "--host", "ws1,gpu1,down", str(tmp_path / "job.pkl"),
                 inventory=fleet.inventory_path, cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     for h in ("ws1", "gpu1"):
@@ -215,12 +215,12 @@ def test_run_pickle_cli_saves_results_and_summary(fleet, tmp_path):
     summary = json.loads((tmp_path / "gathered" / "job.summary.json").read_text())
     assert summary["hosts"]["ws1"]["ok"] and not summary["hosts"]["down"]["ok"]
     assert summary["hosts"]["down"]["error_type"] == "ConnectError"
-    r = inv_cli("run-pickle", "--host", "ws1", str(tmp_path / "bad.pkl"),
+    r = fleet.cli("run-pickle", "--host", "ws1", str(tmp_path / "bad.pkl"),
                 inventory=fleet.inventory_path, cwd=tmp_path)
     assert r.returncode == 1 and "ValueError: nope" in r.stdout
     summary = json.loads((tmp_path / "gathered" / "bad.summary.json").read_text())
     assert "in inner" in summary["hosts"]["ws1"]["traceback"]
     (tmp_path / "junk.pkl").write_bytes(b"not a payload")
-    r = inv_cli("run-pickle", "--host", "ws1", str(tmp_path / "junk.pkl"),
+    r = fleet.cli("run-pickle", "--host", "ws1", str(tmp_path / "junk.pkl"),
                 inventory=fleet.inventory_path, cwd=tmp_path)
-    assert r.returncode == 1 and "not a fabfleet payload" in r.stderr
+    assert r.returncode == 2 and "not a fabfleet payload" in r.stderr

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, inv_cli
 
 import fabfile
 from fabfile import CommandError, ConnectError, LocalError, connect
@@ -68,7 +67,7 @@ def test_single_host_exit_code_args_and_cwd(fleet, tmp_path):
         print("omp", os.environ.get("OMP_NUM_THREADS"))
         sys.exit(7)
     """)
-    r = inv_cli("run-remote", "--host", "ws1", str(script), "--args",
+    r = fleet.cli("run-remote", "--host", "ws1", str(script), "--args",
                 "--name 'a b' \"$HOME\" ';rm -rf ~' `id`", inventory=fleet.inventory_path,
                 cwd=tmp_path)
     assert r.returncode == 7, r.stderr
@@ -109,7 +108,7 @@ def test_several_hosts_prefix_summary_and_failures(fleet, tmp_path):
         print("warn", name, file=sys.stderr)
         sys.exit(3 if name == "ws2" else 0)
     """)
-    r = inv_cli("run-remote", "--host", "ws1,ws2,nopy,down", str(script),
+    r = fleet.cli("run-remote", "--host", "ws1,ws2,nopy,down", str(script),
                 inventory=fleet.inventory_path, cwd=tmp_path)
     assert r.returncode == 1
     assert "[ws1] hi from ws1" in r.stdout and "[ws2] hi from ws2" in r.stdout
@@ -125,7 +124,7 @@ def test_several_hosts_prefix_summary_and_failures(fleet, tmp_path):
 
 
 def test_missing_script_is_a_local_error_before_connecting(fleet, tmp_path):
-    r = inv_cli("run-remote", "--host", "down", "nope.py", inventory=fleet.inventory_path,
+    r = fleet.cli("run-remote", "--host", "down", "nope.py", inventory=fleet.inventory_path,
                 cwd=tmp_path)
     assert r.returncode == 2
     assert "nope.py: script not found (nothing was sent to any host)" in r.stderr
@@ -134,7 +133,7 @@ def test_missing_script_is_a_local_error_before_connecting(fleet, tmp_path):
 
 
 def test_run_with_project_push(fleet, project):
-    r = inv_cli("run-remote", "--host", "ws2", "main.py", "--project", "--args", "x 'y z'",
+    r = fleet.cli("run-remote", "--host", "ws2", "main.py", "--args", "x 'y z'",
                 inventory=fleet.inventory_path, cwd=project)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "done 42"
@@ -198,7 +197,7 @@ def test_ctrl_c_stops_the_remote_process_group(fleet, tmp_path):
         time.sleep(300)
     """)
     env = {**os.environ, "FABFLEET_INVENTORY": str(fleet.inventory_path)}
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT),
+    proc = subprocess.Popen([str(fleet.bin / "fabfleet"),
                              "run-remote", "--host", "ws1", str(script)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
@@ -246,31 +245,31 @@ def test_push_excludes_and_unchanged_repush(fleet, project, host, method):
 
 
 def test_push_cli_reports_counts(fleet, project):
-    r = inv_cli("push", "--host", "ws1,ws2", inventory=fleet.inventory_path, cwd=project)
+    r = fleet.cli("push", "--host", "ws1,ws2", inventory=fleet.inventory_path, cwd=project)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "rsync" in r.stdout and "sftp" in r.stdout and "2/2 hosts ok" in r.stdout
 
 
 # -- gather / setup-workdir / clean ------------------------------------------------------
 def test_gather_verifies_and_never_overwrites(fleet, project):
-    r = inv_cli("run-remote", "--host", "ws1,ws2", "main.py", "--project",
+    r = fleet.cli("run-remote", "--host", "ws1,ws2", "main.py",
                 inventory=fleet.inventory_path, cwd=project)
     assert r.returncode == 0, r.stderr
-    r = inv_cli("gather", "--host", "ws1,ws2", "results/*.json",
+    r = fleet.cli("gather", "--host", "ws1,ws2", "results/*.json",
                 inventory=fleet.inventory_path, cwd=project)
     assert r.returncode == 0, r.stdout + r.stderr
     got = project / "gathered" / "ws1" / "results" / "out.json"
     assert json.loads(got.read_text())["value"] == 42
     assert (project / "gathered" / "ws2" / "results" / "out.json").exists()
-    r = inv_cli("gather", "--host", "ws1", "results/*.json", inventory=fleet.inventory_path,
+    r = fleet.cli("gather", "--host", "ws1", "results/*.json", inventory=fleet.inventory_path,
                 cwd=project)
     assert r.returncode == 0 and "│ 0      │ 1" in r.stdout  # unchanged, not copied again
     got.write_text("my local edits")
-    r = inv_cli("gather", "--host", "ws1", "results/*.json", inventory=fleet.inventory_path,
+    r = fleet.cli("gather", "--host", "ws1", "results/*.json", inventory=fleet.inventory_path,
                 cwd=project)
     assert r.returncode == 1 and "differs from the remote copy and was kept" in r.stdout
     assert got.read_text() == "my local edits"
-    r = inv_cli("gather", "--host", "ws1", "results/*.json", "--overwrite",
+    r = fleet.cli("gather", "--host", "ws1", "results/*.json", "--overwrite",
                 inventory=fleet.inventory_path, cwd=project)
     assert r.returncode == 0 and json.loads(got.read_text())["value"] == 42
 
@@ -278,22 +277,22 @@ def test_gather_verifies_and_never_overwrites(fleet, project):
 def test_setup_workdir_is_idempotent_and_venv_is_used(fleet, tmp_path):
     req = write(tmp_path / "requirements.txt", "# nothing to install offline\n")
     for _ in range(2):
-        r = inv_cli("setup-workdir", "--host", "gpu1", "--requirements", str(req),
+        r = fleet.cli("setup-workdir", "--host", "gpu1", "--requirements", str(req),
                     inventory=fleet.inventory_path, cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
     assert remote(fleet, "gpu1", "stat -c %a ~/fabfleet").strip() == "700"
     script = write(tmp_path / "prefix.py", "import sys; print(sys.prefix)\n")
-    r = inv_cli("run-remote", "--host", "gpu1", str(script), inventory=fleet.inventory_path,
+    r = fleet.cli("run-remote", "--host", "gpu1", str(script), inventory=fleet.inventory_path,
                 cwd=tmp_path)
-    assert r.stdout.strip() == "/home/dev/fabfleet/venv"
-    remote(fleet, "gpu1", "rm -rf ~/fabfleet/venv")
+    assert r.stdout.strip() == f"/home/dev/fabfleet/.venvs/{tmp_path.name}"
+    remote(fleet, "gpu1", f"rm -rf ~/fabfleet/.venvs/{tmp_path.name}")
 
 
 def test_clean_removes_runs_and_code(fleet, project):
-    inv_cli("run-remote", "--host", "ws3", "main.py", "--project",
-            inventory=fleet.inventory_path, cwd=project)
-    assert remote(fleet, "ws3", "ls ~/fabfleet/runs | wc -l").strip() != "0"
-    r = inv_cli("clean", "--host", "ws3", "--code", inventory=fleet.inventory_path, cwd=project)
+    fleet.cli("run-remote", "--host", "ws3", "main.py", inventory=fleet.inventory_path,
+              cwd=project)
+    assert remote(fleet, "ws3", "ls ~/fabfleet/.runs/proj | wc -l").strip() != "0"
+    r = fleet.cli("clean", "--host", "ws3", "--code", inventory=fleet.inventory_path, cwd=project)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert remote(fleet, "ws3", "ls ~/fabfleet/runs | wc -l; ls -d ~/fabfleet/proj 2>&1 | "
-                  "grep -c 'No such'").split() == ["0", "1"]
+    assert remote(fleet, "ws3", "ls -d ~/fabfleet/.runs/proj ~/fabfleet/proj 2>&1 | "
+                  "grep -c 'No such'").split() == ["2"]
