@@ -8,7 +8,7 @@ every fact. Target: ratio <= 1 (bar: 2).
     .venv/bin/python bench/bench_check_env.py
 """
 
-from common import compare, ensure_testbed, inv_argv, parallel, run, ssh_argv
+from common import compare, ensure_testbed, fabfleet_argv, parallel, run, ssh_argv
 
 HOSTS = ["ws1", "ws2", "gpu1"]
 
@@ -16,7 +16,7 @@ if __name__ == "__main__":
     ensure_testbed()
     probe = "import sys, json; print(json.dumps(list(sys.version_info)))"
     compare("check-env --host ws1,ws2,gpu1 (CLI process)",
-            lambda: run(inv_argv("check-env", "--host", ",".join(HOSTS), "--json")),
+            lambda: run(fabfleet_argv("check-env", "--host", ",".join(HOSTS), "--json")),
             lambda: parallel([ssh_argv(h) + ["python3", "-c", repr(probe)] for h in HOSTS]))
     # The same work from Python (a notebook, another fabfile): no process start-up.
     from fabfile import Inventory, check_hosts

@@ -1,7 +1,8 @@
 """run-remote and push against plain OpenSSH, measured alternately in the same run.
 
-* `inv run-remote --host ws1 hello.py` vs `scp hello.py` + `ssh python3 hello.py`
-  (target: ratio <= 1; bar: 1.5);
+* `fabfleet run-remote -H ws1 train.py` in a project of 50 files (unchanged since the
+  last push: the incremental sync is one round trip) vs `scp train.py` + `ssh python3
+  train.py` (bar: 1.5); the same for a script outside any project (travels alone);
 * push of a 1,000-file tree, first and unchanged, vs plain `rsync -a` over ssh with
   the same key and known_hosts checks.
 
@@ -13,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import compare, ensure_testbed, inv_argv, run, scp_argv, ssh_argv
+from common import compare, ensure_testbed, fabfleet_argv, run, scp_argv, ssh_argv
 
 
 if __name__ == "__main__":
@@ -22,8 +23,19 @@ if __name__ == "__main__":
     hello = work / "hello.py"
     hello.write_text("print('hello')\n")
     dest = "dev@127.0.0.1:bench-hello.py"
-    compare("run-remote --host ws1 hello.py (CLI)",
-            lambda: run(inv_argv("run-remote", "--host", "ws1", str(hello)), cwd=work),
+    proj = work / "proj"
+    (proj / "lib").mkdir(parents=True)
+    (proj / "pyproject.toml").write_text("")
+    for i in range(48):
+        (proj / "lib" / f"m{i}.py").write_text(f"X = {i}\n" * 20)
+    (proj / "train.py").write_text("print('hello')\n")
+    run(fabfleet_argv("push", "-H", "ws1"), cwd=proj)
+    compare("run-remote -H ws1 train.py, project unchanged",
+            lambda: run(fabfleet_argv("run-remote", "-H", "ws1", "train.py"), cwd=proj),
+            lambda: (run(scp_argv("ws1") + [str(proj / "train.py"), dest]),
+                     run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
+    compare("run-remote -H ws1 hello.py, no project",
+            lambda: run(fabfleet_argv("run-remote", "-H", "ws1", str(hello)), cwd="/"),
             lambda: (run(scp_argv("ws1") + [str(hello), dest]),
                      run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
 

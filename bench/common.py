@@ -44,8 +44,9 @@ def scp_argv(name: str) -> list[str]:
             "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"]
 
 
-def inv_argv(*args: str) -> list[str]:
-    return [str(ROOT / ".venv" / "bin" / "inv"), "--search-root", str(ROOT), *args]
+def fabfleet_argv(*args: str) -> list[str]:
+    """The ``fabfleet`` command of ./.venv, as a user runs it."""
+    return [str(ROOT / ".venv" / "bin" / "fabfleet"), *args]
 
 
 def run(argv: list[str], **kw) -> None:

@@ -33,6 +33,18 @@ def find_project(start: str | os.PathLike[str] | None = None) -> Path:
     return here
 
 
+def is_marked(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` holds a project marker (else it is just the current directory)."""
+    return any((Path(root) / marker).exists() for marker in PROJECT_MARKERS)
+
+
+def is_unmarked_home(root: str | os.PathLike[str]) -> bool:
+    """True for ``/`` or the home directory when they hold no project marker: such a
+    directory is no project, and pushing it would send everything under it."""
+    r = Path(root).resolve()
+    return not is_marked(r) and (r == Path(r.anchor) or r == Path.home().resolve())
+
+
 def project_name(root: str | os.PathLike[str], override: str | None = None) -> str:
     """The remote directory name for a project: ``override`` (config ``fabfleet.project``)
     or the root's name, made safe as one path component (letters, digits, ``_.-``;

@@ -100,6 +100,10 @@ sys.exit(code)
 '''
 
 INLINE_LIMIT = 256 * 1024  # scripts up to this size travel inside the command line
+# A directory with no project marker is pushed as the project only while it is small:
+# a script run from a cluttered directory must not send gigabytes by surprise.
+UNMARKED_MAX_FILES = 2000
+UNMARKED_MAX_BYTES = 200 * 1000 * 1000
 _ERR = shell.ERR
 
 
@@ -343,7 +347,8 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
     """
     from .connection import connect
     from .fanout import fan_out
-    from .project import find_project, project_name, relative_inside
+    from .project import (find_project, is_marked, is_unmarked_home, project_name,
+                          relative_inside)
     from .transfer import local_files, push
 
     script = Path(script)
@@ -352,10 +357,18 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
     cwd = Path(cwd or os.getcwd()).resolve()
     root = Path(project_root).resolve() if project_root else find_project(cwd)
     name = project_name(root, project)
-    rel = relative_inside(script, root)
+    rel = None if is_unmarked_home(root) else relative_inside(script, root)
     to_push = None
     if rel is not None and push_project:
         to_push = local_files(root, excludes)
+        size = sum(f.size for f in to_push)
+        if not is_marked(root) and (len(to_push) > UNMARKED_MAX_FILES
+                                    or size > UNMARKED_MAX_BYTES):
+            raise LocalError(
+                f"{root} holds no .git, pyproject.toml or setup.py, so it is taken as the "
+                f"project, but it has {len(to_push)} files ({size / 1e6:.0f} MB) to push. "
+                "Run from your project's own directory, or mark its root with an empty "
+                "pyproject.toml (.gitignore entries are left out of pushes).")
         if rel not in {f.rel for f in to_push}:
             rel = None  # excluded from the push (.gitignore, --exclude): it travels alone
     run_cwd = relative_inside(cwd, root) or ""

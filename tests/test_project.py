@@ -270,3 +270,18 @@ def test_venv_per_project(fleet, tmp_path):
         assert r.stdout.strip() == "/usr", r.stderr
     finally:
         remote(fleet, "gpu1", "rm -rf ~/fabfleet/.venvs/withvenv")
+
+
+def test_unmarked_cluttered_directory_is_not_pushed_by_surprise(fleet, tmp_path):
+    d = tmp_path / "downloads"
+    (d / "junk").mkdir(parents=True)
+    for i in range(2001):
+        (d / "junk" / f"{i}.txt").write_text("x")
+    write(d / "job.py", "print('ran')\n")
+    r = fleet.cli("run-remote", "-H", "ws1", "job.py", inventory=fleet.inventory_path, cwd=d)
+    assert r.returncode == 2 and "2002 files" in r.stderr and "pyproject.toml" in r.stderr
+    assert remote(fleet, "ws1", "ls ~/fabfleet").split().count("downloads") == 0
+    # the home directory (no marker) is never a project: run from there (fleet.cli's
+    # default cwd is $HOME), a script travels alone and nothing else is sent
+    r = fleet.cli("run-remote", "-H", "ws1", str(d / "job.py"), inventory=fleet.inventory_path)
+    assert r.returncode == 0 and r.stdout == "ran\n", r.stdout + r.stderr
