@@ -22,7 +22,7 @@ import fabric
 import paramiko
 from paramiko.config import SSHConfig
 
-from .errors import AuthError, FleetError, HostKeyError, _sha256, host_errors
+from .errors import AuthError, FleetError, HostKeyError, host_errors, key_fingerprint
 from .inventory import Host
 
 SSH_CONFIG_ENV = "FABFLEET_SSH_CONFIG"
@@ -49,7 +49,7 @@ class HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         self.record_to = record_to
 
     def missing_host_key(self, client, hostname, key) -> None:  # noqa: D102 - paramiko API
-        fingerprint = f"{key.get_name()} SHA256:{_sha256(key)}"
+        fingerprint = f"{key.get_name()} SHA256:{key_fingerprint(key)}"
         if self.host.host_key_policy == "accept-new":
             record_host_key(self.record_to, hostname, key)
             return

@@ -112,7 +112,7 @@ class FanOutError(FleetError):
         super().__init__(summary)
 
 
-def _sha256(key) -> str:
+def key_fingerprint(key) -> str:
     import base64
     import hashlib
     return base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
@@ -141,7 +141,7 @@ def host_errors(host: str, action: str, *, known_hosts: tuple[str, ...] = (),
     name the file holding the stale entry and the exact ``ssh-keygen -R`` to run.
     """
     # Imported here so that importing fabfile.errors stays cheap for pure parsers.
-    import invoke
+    import invoke.exceptions  # the errors Fabric raises, not the task machinery
     import paramiko
 
     try:
@@ -156,8 +156,8 @@ def host_errors(host: str, action: str, *, known_hosts: tuple[str, ...] = (),
         raise HostKeyError(
             host,
             f"the host key CHANGED, refusing to {action}: {name} now offers "
-            f"{exc.key.get_name()} SHA256:{_sha256(exc.key)}, but "
-            f"{', '.join(stale) or 'known_hosts'} has SHA256:{_sha256(exc.expected_key)}. "
+            f"{exc.key.get_name()} SHA256:{key_fingerprint(exc.key)}, but "
+            f"{', '.join(stale) or 'known_hosts'} has SHA256:{key_fingerprint(exc.expected_key)}. "
             "This can be an attack; "
             "or the host was reinstalled. Only if you know why it changed, remove the old "
             f"entry with {fix}, then add the new key (`host_key_policy: accept-new` or "
