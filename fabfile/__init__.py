@@ -36,9 +36,13 @@ _EXPORTS = {
     "Inventory": "fleet",
     "Host": "inventory", "HostSet": "inventory", "find_inventory": "inventory",
     "PrefixedOutput": "output",
-    "MapError": "payload", "call_on_host": "payload", "close_workers": "payload",
-    "load_payload_bytes": "payload", "map_hosts": "payload", "remote": "payload",
-    "run_on_hosts": "payload", "run_payload": "payload", "save_payload": "payload",
+    "FleetExecutor": "mapping", "ItemOutcome": "mapping", "MapError": "mapping",
+    "imap_unordered": "mapping", "map_hosts": "mapping",
+    "call_on_host": "pool", "close_workers": "pool",
+    "RemoteFunction": "payload", "call": "payload", "dumps_call": "payload",
+    "load_payload_bytes": "payload", "remote": "payload", "run_on_hosts": "payload",
+    "run_payload": "payload", "save_payload": "payload",
+    "DeadlineError": "errors",
     "find_project": "project", "layout": "project", "project_name": "project",
     "RunResult": "runs", "clean": "runs", "run_many": "runs", "run_script": "runs",
     "setup_workdir": "runs", "stop_active_runs": "runs",
@@ -71,8 +75,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .fleet import Inventory
     from .inventory import Host, HostSet, find_inventory
     from .output import PrefixedOutput
-    from .payload import (MapError, call_on_host, close_workers, load_payload_bytes,
-                          map_hosts, remote, run_on_hosts, run_payload, save_payload)
+    from .errors import DeadlineError
+    from .mapping import FleetExecutor, ItemOutcome, MapError, imap_unordered, map_hosts
+    from .payload import (RemoteFunction, call, dumps_call, load_payload_bytes, remote,
+                          run_on_hosts, run_payload, save_payload)
+    from .pool import call_on_host, close_workers
     from .project import find_project, layout, project_name
     from .runs import RunResult, clean, run_many, run_script, setup_workdir, stop_active_runs
     from .transfer import GatheredFile, PushResult, gather, local_files, push

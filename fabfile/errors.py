@@ -8,6 +8,7 @@
     │   ├── AuthError             the host refused our key / user
     │   ├── HostKeyError          unknown or changed host key (never silently accepted)
     │   ├── CommandError          a remote command failed (exit code, stderr tail)
+    │   │   └── DeadlineError     a call's timeout= expired; the function was stopped
     │   ├── TransferError         push / gather / payload transfer failed
     │   ├── PythonMismatchError   remote Python major.minor differs from the local one
     │   └── RemoteError           the function raised on the host; carries the traceback
@@ -76,6 +77,10 @@ class TransferError(HostError):
 
 class PythonMismatchError(HostError):
     """The host's Python cannot load pickles made by ours."""
+
+
+class DeadlineError(CommandError):
+    """A call did not finish within its ``timeout=``; the remote function was stopped."""
 
 
 class RemoteError(HostError):

@@ -1,18 +1,18 @@
 """:class:`Inventory`: the inventory users hold, with the conveniences that reach hosts.
 
 :class:`~fabfile.inventory.HostSet` is the validated data; this subclass adds
-``connect`` and ``map``, importing the connection and payload layers downward, so the
-data layer never imports them.
+``connect``, ``map``, ``imap_unordered`` and ``executor``, importing the connection and
+payload layers downward, so the data layer never imports them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .connection import FleetConnection, connect
 from .inventory import HostSet
-from .payload import map_hosts
+from .mapping import FleetExecutor, ItemOutcome, imap_unordered, map_hosts
 
 
 class Inventory(HostSet):
@@ -23,6 +23,18 @@ class Inventory(HostSet):
         """A :class:`fabric.Connection` to host ``name`` with verified host keys."""
         return connect(self[name])
 
-    def map(self, fn: Callable, items: Iterable[Any], **kwargs: Any):
-        """Spread ``fn(item)`` over these hosts; see :func:`fabfile.payload.map_hosts`."""
+    def map(self, fn: Callable, items: Iterable[Any], **kwargs: Any) -> list[Any]:
+        """``[fn(item) for item in items]`` spread over these hosts, in input order; see
+        :func:`fabfile.mapping.map_hosts` (``timeout=``, ``on_output=``,
+        ``return_exceptions=``, ``on_progress=``, ``progress=``)."""
         return map_hosts(self, fn, items, **kwargs)
+
+    def imap_unordered(self, fn: Callable, items: Iterable[Any],
+                       **kwargs: Any) -> Iterator[ItemOutcome]:
+        """Each item's outcome as it completes; see :func:`fabfile.mapping.imap_unordered`."""
+        return imap_unordered(self, fn, items, **kwargs)
+
+    def executor(self, **options: Any) -> FleetExecutor:
+        """A ``concurrent.futures.Executor`` over these hosts (``timeout=``,
+        ``on_output=``); see :class:`fabfile.mapping.FleetExecutor`."""
+        return FleetExecutor(self, **options)

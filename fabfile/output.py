@@ -1,52 +1,84 @@
-"""Mirroring remote output locally, whole lines at a time, ``[host] ``-prefixed when
-several hosts speak at once. This is the remote program's own output (a script's, a
-function's prints), which the user asked to see; the library prints nothing else."""
+"""Mirroring remote output locally, ``[host] ``-prefixed when several hosts speak.
+
+This is the remote program's own output (a script's, a function's prints), which the
+user asked to see; the library prints nothing else. It goes to whatever
+``sys.stdout``/``sys.stderr`` is *at the time of writing* — a terminal, a pipe, a
+notebook's text-only stream, an ``io.StringIO`` under ``redirect_stdout``.
+"""
 
 from __future__ import annotations
 
+import codecs
 import sys
 import threading
-from typing import BinaryIO
+from typing import IO
 
 
 class PrefixedOutput:
-    """An output callback ``(host, "stdout"|"stderr", data)`` for runs and payloads.
+    """An output callback ``(host, "stdout"|"stderr", data: bytes)`` for runs and payloads.
 
-    Without ``prefix`` data passes straight through; with it, lines are buffered per
-    host and stream so lines of different hosts never interleave mid-line. Thread-safe.
-    Call :meth:`flush` at the end to emit unterminated last lines.
+    Without ``prefix``, bytes pass straight through to a stream that takes bytes (its
+    ``.buffer``); a text-only stream gets text decoded as UTF-8 incrementally, so a
+    character split across two chunks stays whole. With ``prefix``, lines are buffered
+    per host and stream, so lines of different hosts never interleave mid-line.
+    Thread-safe. Call :meth:`flush` at the end to emit unterminated last lines.
+
+    ``stdout``/``stderr`` fix the targets; by default ``sys.stdout``/``sys.stderr`` are
+    looked up on every write.
     """
 
-    def __init__(self, prefix: bool, stdout: BinaryIO | None = None,
-                 stderr: BinaryIO | None = None) -> None:
+    def __init__(self, prefix: bool, stdout: IO | None = None,
+                 stderr: IO | None = None) -> None:
         self.prefix = prefix
         self.streams = {"stdout": stdout, "stderr": stderr}
-        self.partial: dict[tuple[str, str], bytes] = {}
+        self.decoders: dict[tuple[str, str], codecs.IncrementalDecoder] = {}
+        self.partial: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
 
-    def _out(self, stream: str) -> BinaryIO:
-        return self.streams[stream] or (sys.stdout.buffer if stream == "stdout"
-                                        else sys.stderr.buffer)
+    def _target(self, stream: str) -> IO:
+        return self.streams[stream] or (sys.stdout if stream == "stdout" else sys.stderr)
+
+    def _text(self, host: str, stream: str, data: bytes, final: bool = False) -> str:
+        key = (host, stream)
+        dec = self.decoders.get(key)
+        if dec is None:
+            dec = self.decoders[key] = codecs.getincrementaldecoder("utf-8")("replace")
+        return dec.decode(data, final)
 
     def __call__(self, host: str, stream: str, data: bytes) -> None:
         with self.lock:
-            out = self._out(stream)
+            target = self._target(stream)
             if not self.prefix:
-                out.write(data)
-                out.flush()
+                raw = getattr(target, "buffer", None)
+                if raw is not None and not isinstance(data, str):
+                    target.flush()  # keep order with text written to it before
+                    raw.write(data)
+                    raw.flush()
+                else:
+                    target.write(data if isinstance(data, str) else
+                                 self._text(host, stream, data))
+                    target.flush()
                 return
-            *lines, rest = (self.partial.get((host, stream), b"") + data).split(b"\n")
+            text = data if isinstance(data, str) else self._text(host, stream, data)
+            *lines, rest = (self.partial.get((host, stream), "") + text).split("\n")
             self.partial[(host, stream)] = rest
             if lines:
-                tag = b"[%s] " % host.encode()
-                out.write(b"".join(tag + line + b"\n" for line in lines))
-                out.flush()
+                target.write("".join(f"[{host}] {line}\n" for line in lines))
+                target.flush()
 
     def flush(self) -> None:
         with self.lock:
+            for (host, stream), dec in list(self.decoders.items()):
+                tail = dec.decode(b"", True)
+                if tail:
+                    if self.prefix:
+                        self.partial[(host, stream)] = self.partial.get((host, stream), "") + tail
+                    else:
+                        self._target(stream).write(tail)
             for (host, stream), rest in self.partial.items():
                 if rest:
-                    out = self._out(stream)
-                    out.write(b"[%s] %s\n" % (host.encode(), rest))
-                    out.flush()
+                    target = self._target(stream)
+                    target.write(f"[{host}] {rest}\n")
+                    target.flush()
             self.partial.clear()
+            self.decoders.clear()

@@ -172,7 +172,7 @@ def test_warm_calls_reuse_connection_and_worker(inv):
     c = inv.connect("ws1")
     pids = {run_payload(c, __import__("os").getpid) for _ in range(20)}
     assert len(pids) == 1
-    pool = fabfile.payload._pool(inv["ws1"])
+    pool = fabfile.pool.pool_for(inv["ws1"])
     assert pool.conn is not None and len(pool.idle) == 1
 
 
