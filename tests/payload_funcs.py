@@ -43,3 +43,9 @@ def fails(message):
     def inner():
         raise ValueError(message)
     inner()
+
+
+def sleepy(seconds):
+    import time
+    time.sleep(seconds)
+    return seconds
