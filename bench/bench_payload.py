@@ -5,6 +5,9 @@
 * warm call (connection and worker already up) vs `python3 -c` over an already open
   OpenSSH ControlMaster connection (the best a shell loop can do), and vs a new
   interpreter per call on our own open connection;
+* warm ``@remote`` against ``run_payload`` with a 64-host inventory (target: ≤ 0.05 ms
+  more);
+* a function from the project's own module (pickled by value) against a builtin;
 * map of 200 small items over ws1, ws2, gpu1 vs 200 `ssh … python3 -c` calls, 3 at a time.
 
     .venv/bin/python bench/bench_payload.py
@@ -15,11 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 from common import ROOT, compare, ensure_testbed, ssh_argv
 
-from fabfile import Inventory, close_workers, connect, run_payload
+from fabfile import Inventory, close_workers, connect, remote, run_payload
 from fabfile.execute import execute
 
 
@@ -60,6 +64,40 @@ if __name__ == "__main__":
         ts.append(time.perf_counter() - t)
     print(f"warm call latency over 500 calls: median {statistics.median(ts) * 1000:.2f} ms, "
           f"p95 {sorted(ts)[474] * 1000:.2f} ms")
+
+    # @remote over run_payload, with a 64-host inventory (found and parsed once; one
+    # stat per call to notice edits). Target: <= 0.05 ms more than run_payload.
+    big = Path(tempfile.mkdtemp()) / "inventory.yaml"
+    text = inv.path and Path(inv.path).read_text()
+    extra = "".join(f"  extra{i}:\n    hostname: 127.0.0.1\n    port: {2300 + i}\n"
+                    for i in range(57))
+    big.write_text(text + extra)
+    assert len(Inventory.load(big)) == 64
+
+    @remote("ws1", inventory=big)
+    def radd(a, b):
+        return a + b
+
+    def median_us(fn, n=400):
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1e6
+    radd(1, 2)
+    pairs = [(median_us(lambda: radd(1, 2)), median_us(lambda: run_payload(c, add, 1, 2)))
+             for _ in range(5)]
+    over = statistics.median(r - p for r, p in pairs)
+    print(f"warm @remote (64-host inventory) median {statistics.median(r for r, _ in pairs):.0f} us, "
+          f"run_payload {statistics.median(p for _, p in pairs):.0f} us: overhead {over:.0f} us")
+
+    # The project's own module pickled by value: a function calling helper code.
+    sys.path.insert(0, str(ROOT / "tests"))
+    import payload_funcs
+    compare("warm call of a project-module function vs builtin",
+            lambda: run_payload(c, payload_funcs.fibonacci, 10),
+            lambda: run_payload(c, add, 1, 2), rounds=200)
 
     lab = inv.select(host="ws1,ws2,gpu1")
     lab.map(abs, range(6))  # start the workers and connections once
