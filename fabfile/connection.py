@@ -12,20 +12,27 @@ Fabric 3 installs paramiko's ``AutoAddPolicy`` on every connection and never rea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import fabric
 import paramiko
 from paramiko.config import SSHConfig
 
-from .errors import AuthError, FleetError, HostKeyError, host_errors, key_fingerprint
+from .errors import (AuthError, ConnectError, FleetError, HostKeyError, host_errors,
+                     key_fingerprint)
 from .inventory import Host
 
 SSH_CONFIG_ENV = "FABFLEET_SSH_CONFIG"
+#: While a command, transfer or call waits on a host, a silent connection is probed this
+#: often; a host that does not answer a probe within its ``connect_timeout`` is declared
+#: frozen and its connection closed. The bound: KEEPALIVE_INTERVAL + connect_timeout.
+KEEPALIVE_INTERVAL = 5.0
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 _known_hosts_lock = threading.Lock()
 
@@ -113,6 +120,76 @@ class FleetConnection(fabric.Connection):
         return result
 
 
+def bad_known_hosts_line(path: str) -> str:
+    """``", line N"`` for the first line of a known_hosts file paramiko cannot parse."""
+    try:
+        with open(path, errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                try:
+                    if paramiko.hostkeys.HostKeyEntry.from_line(line, n) is None:
+                        return f", line {n}"
+                except Exception:  # noqa: BLE001 - what we are looking for
+                    return f", line {n}"
+    except OSError:
+        pass
+    return ""
+
+
+def probe(transport, timeout: float) -> bool:
+    """Whether the host answers an SSH-level request within ``timeout`` seconds (the
+    answer to an unknown global request is a failure message, which proves liveness).
+    Paramiko's own keepalives expect no answer, so they cannot tell a frozen host."""
+    answered = threading.Event()
+
+    def ask() -> None:
+        try:
+            transport.global_request("keepalive@openssh.com", wait=True)
+        except Exception:  # noqa: BLE001 - a dead transport answers nothing
+            return
+        answered.set()
+    threading.Thread(target=ask, daemon=True, name="fabfleet-probe").start()
+    return answered.wait(timeout)
+
+
+@contextlib.contextmanager
+def watched(c, action: str) -> Iterator[None]:
+    """While the block runs (an SFTP transfer, say), probe the connection every
+    :data:`KEEPALIVE_INTERVAL` seconds; if the host does not answer within its
+    ``connect_timeout``, close the connection — so whatever the block is blocked on fails
+    at once — and raise :class:`ConnectError` saying the host stopped answering."""
+    host = c.fleet_host
+    transport = c.client.get_transport()
+    stop = threading.Event()
+    fired: list[bool] = []
+
+    def watch() -> None:
+        while not stop.wait(KEEPALIVE_INTERVAL):
+            if not transport.is_active():
+                return
+            if not probe(transport, host.connect_timeout) and not stop.is_set():
+                fired.append(True)
+                transport.close()
+                return
+    threading.Thread(target=watch, daemon=True, name=f"fabfleet-watch-{host.name}").start()
+    try:
+        yield
+    except BaseException as exc:
+        if fired:
+            raise ConnectError(host.name, f"{frozen_message(host)} during {action}. Nothing "
+                               "partial was put in place; check the host and try again.") \
+                from exc
+        raise
+    finally:
+        stop.set()
+
+
+def frozen_message(host: Host) -> str:
+    return (f"the host stopped answering (no reply to a keepalive within "
+            f"{host.connect_timeout:g}s: frozen, overloaded or cut off)")
+
+
 def connect(host: Host) -> FleetConnection:
     """A not-yet-opened connection to ``host``; it opens on first use.
 
@@ -159,9 +236,11 @@ def connect(host: Host) -> FleetConnection:
         if os.path.exists(f):
             try:
                 conn.client.load_system_host_keys(f)
-            except (OSError, paramiko.SSHException) as exc:
-                raise HostKeyError(host.name, f"cannot read known_hosts file {f}: {exc}. "
-                                   "Fix or remove the broken line.") from exc
+            except Exception as exc:  # noqa: BLE001 - paramiko raises several unrelated kinds
+                raise HostKeyError(host.name, f"cannot read known_hosts file {f}"
+                                   f"{bad_known_hosts_line(f)}: {type(exc).__name__}: {exc}. "
+                                   "Fix or remove that line (`ssh-keygen -R HOST -f FILE` "
+                                   "removes a host's lines).") from exc
     record_to = host.known_hosts or files[0]
     conn.client.set_missing_host_key_policy(HostKeyPolicy(host, files, record_to))
     conn.known_hosts_files = files

@@ -3,6 +3,11 @@
 Invoke's runner adds ~10 ms per command (threads, polling sleeps) and reads stdin byte
 by byte; here a command costs one channel round trip (~4 ms on loopback). Output goes
 to callbacks as it arrives, so callers can stream it live, prefix it, or keep it.
+
+Nothing waits forever: when no data has arrived for
+:data:`~fabfile.connection.KEEPALIVE_INTERVAL` seconds the connection is probed, and a
+host that does not answer within its ``connect_timeout`` fails the command with
+:class:`~fabfile.errors.ConnectError` (its connection is closed).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .connection import KEEPALIVE_INTERVAL, frozen_message, probe
 from .errors import CommandError, ConnectError, host_errors
 
 Sink = Callable[[bytes], None]
@@ -24,6 +30,7 @@ class ExecResult:
     stdout: str
     stderr: str
     seconds: float
+    stdout_bytes: bytes = b""
 
 
 def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | None = None,
@@ -51,6 +58,7 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
             chan.exec_command(command)
             streams = ((chan.recv_ready, chan.recv, out, on_stdout),
                        (chan.recv_stderr_ready, chan.recv_stderr, err, on_stderr))
+            heard = time.monotonic()
             while True:
                 if timeout is not None and time.monotonic() - started > timeout:
                     raise CommandError(host, f"{action} did not finish within {timeout:g}s; "
@@ -66,7 +74,17 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
                         if callback:
                             callback(data)
                 if got:
+                    heard = time.monotonic()
                     continue
+                if time.monotonic() - heard > KEEPALIVE_INTERVAL:
+                    transport = chan.get_transport()
+                    if transport.is_active() and not probe(transport,
+                                                           c.fleet_host.connect_timeout):
+                        transport.close()
+                        raise ConnectError(host, f"{frozen_message(c.fleet_host)} during "
+                                           f"{action}. Output received so far was kept; "
+                                           "check the host and run again.")
+                    heard = time.monotonic()
                 # paramiko marks a channel "exited" (-1) when it merely closed, e.g. the
                 # host died: only a real exit-status message counts as the command ending.
                 exited = chan.status_event.is_set() and chan.exit_status != -1
@@ -83,6 +101,7 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
             code = chan.recv_exit_status()
         finally:
             chan.close()
-    return ExecResult(command, code if code != -1 else 255,
-                      b"".join(out).decode("utf-8", "replace"),
-                      b"".join(err).decode("utf-8", "replace"), time.monotonic() - started)
+    raw = b"".join(out)
+    return ExecResult(command, code if code != -1 else 255, raw.decode("utf-8", "replace"),
+                      b"".join(err).decode("utf-8", "replace"), time.monotonic() - started,
+                      raw)

@@ -68,6 +68,15 @@ def _str(where: str, value: Any) -> str:
     return value
 
 
+def _word(where: str, value: Any) -> str:
+    """A value that becomes a command-line word (host name, user, interpreter): it may
+    never start with ``-``, where ssh or a shell would read it as an option."""
+    _expect(isinstance(value, str) and value != "" and not value.startswith("-")
+            and not any(ch.isspace() or ch == "\0" for ch in value), where,
+            "a non-empty string without spaces that does not start with '-'", value)
+    return value
+
+
 def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
     def check(where: str, value: Any) -> int:
         _expect(isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
@@ -114,12 +123,12 @@ def _local_path(where: str, value: Any) -> str:
 
 
 _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
-    "hostname": _str,
+    "hostname": _word,
     "port": _int(1, 65535),
-    "user": _str,
+    "user": _word,
     "key_file": _local_path,
     "groups": _groups,
-    "python": _str,
+    "python": _word,
     "work_dir": _str,
     "conda_env": _str,
     "venv": _str,
@@ -151,6 +160,35 @@ def _validate_entry(where: str, data: Any, *, allow: Iterable[str]) -> dict[str,
     return out
 
 
+class DuplicateKeyError(Exception):
+    pass
+
+
+# The C loader when PyYAML has it (several times faster on big inventories).
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_BaseLoader):
+    """A safe loader that refuses a key given twice in one mapping (plain YAML keeps the
+    last silently: a second ``ws1:`` would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                first = seen[key]
+                raise DuplicateKeyError(
+                    f"{key!r} is given twice in the same mapping (line {first.line + 1} and "
+                    f"line {key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 class HostSet:
     """Hosts loaded from one file, in file order. Select with :meth:`select`.
 
@@ -179,7 +217,9 @@ class HostSet:
     @classmethod
     def from_text(cls, text: str, path: str | os.PathLike[str] = "<memory>"):
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        except DuplicateKeyError as exc:
+            raise InventoryError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

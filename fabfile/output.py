@@ -27,12 +27,17 @@ class PrefixedOutput:
     looked up on every write.
     """
 
+    #: the longest unterminated line held per host and stream; past it, the line is
+    #: written out in pieces (each prefixed), so memory stays bounded
+    MAX_LINE = 1 << 20
+
     def __init__(self, prefix: bool, stdout: IO | None = None,
                  stderr: IO | None = None) -> None:
         self.prefix = prefix
         self.streams = {"stdout": stdout, "stderr": stderr}
         self.decoders: dict[tuple[str, str], codecs.IncrementalDecoder] = {}
-        self.partial: dict[tuple[str, str], str] = {}
+        self.partial: dict[tuple[str, str], list[str]] = {}
+        self.held: dict[tuple[str, str], int] = {}
         self.lock = threading.Lock()
 
     def _target(self, stream: str) -> IO:
@@ -60,11 +65,30 @@ class PrefixedOutput:
                     target.flush()
                 return
             text = data if isinstance(data, str) else self._text(host, stream, data)
-            *lines, rest = (self.partial.get((host, stream), "") + text).split("\n")
-            self.partial[(host, stream)] = rest
-            if lines:
-                target.write("".join(f"[{host}] {line}\n" for line in lines))
-                target.flush()
+            self._prefixed(host, stream, text, target)
+
+    def _prefixed(self, host: str, stream: str, text: str, target: IO) -> None:
+        """Whole lines out with their prefix; linear in the size of the output (only the
+        new text is searched for newlines; held pieces are joined once)."""
+        key = (host, stream)
+        pieces = self.partial.setdefault(key, [])
+        out = []
+        start = 0
+        while (nl := text.find("\n", start)) >= 0:
+            out.append(f"[{host}] {''.join(pieces)}{text[start:nl]}\n")
+            pieces.clear()
+            self.held[key] = 0
+            start = nl + 1
+        if start < len(text):
+            pieces.append(text[start:])
+            self.held[key] = self.held.get(key, 0) + len(text) - start
+            if self.held[key] >= self.MAX_LINE:
+                out.append(f"[{host}] {''.join(pieces)}\n")
+                pieces.clear()
+                self.held[key] = 0
+        if out:
+            target.write("".join(out))
+            target.flush()
 
     def flush(self) -> None:
         with self.lock:
@@ -72,13 +96,14 @@ class PrefixedOutput:
                 tail = dec.decode(b"", True)
                 if tail:
                     if self.prefix:
-                        self.partial[(host, stream)] = self.partial.get((host, stream), "") + tail
+                        self.partial.setdefault((host, stream), []).append(tail)
                     else:
                         self._target(stream).write(tail)
-            for (host, stream), rest in self.partial.items():
-                if rest:
+            for (host, stream), pieces in self.partial.items():
+                if pieces:
                     target = self._target(stream)
-                    target.write(f"[{host}] {rest}\n")
+                    target.write(f"[{host}] {''.join(pieces)}\n")
                     target.flush()
             self.partial.clear()
+            self.held.clear()
             self.decoders.clear()

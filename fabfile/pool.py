@@ -40,6 +40,7 @@ from typing import Any
 import cloudpickle
 
 from . import shell, worker as proto
+from .connection import KEEPALIVE_INTERVAL, connect, frozen_message, probe
 from .errors import (CommandError, ConnectError, DeadlineError, HostError, LocalError,
                      PythonMismatchError, RemoteError, TransferError, host_errors)
 from .inventory import Host
@@ -47,7 +48,6 @@ from .inventory import Host
 Output = Callable[[str, str, bytes], None]  # (host, "stdout"|"stderr", data)
 
 INTERRUPT_GRACE = 3.0     # seconds a function has to stop after KeyboardInterrupt
-KEEPALIVE_INTERVAL = 5.0  # seconds between liveness probes while calls are in flight
 POLL = 0.1                # how often a waiting call looks at deadlines and cancellation
 
 
@@ -329,21 +329,6 @@ def check_python(host: Host, hello: Hello) -> None:
             f"venv/conda env with one), or run locally with that version. Nothing was sent.")
 
 
-def probe(transport, timeout: float) -> bool:
-    """Whether the host answers an SSH-level request within ``timeout`` seconds (the
-    answer to an unknown global request is a failure message, which proves liveness)."""
-    answered = threading.Event()
-
-    def ask() -> None:
-        try:
-            transport.global_request("keepalive@openssh.com", wait=True)
-        except Exception:  # noqa: BLE001 - a dead transport answers nothing
-            return
-        answered.set()
-    threading.Thread(target=ask, daemon=True, name="fabfleet-probe").start()
-    return answered.wait(timeout)
-
-
 class HostPool:
     """One connection and up to ``max_jobs`` workers for one host (and project)."""
 
@@ -359,7 +344,6 @@ class HostPool:
         self.closed = False
 
     def connection(self):
-        from .connection import connect
         with self.lock:
             if self.conn is None or not self.conn.is_connected:
                 if self.conn is not None:
@@ -379,9 +363,7 @@ class HostPool:
             time.sleep(KEEPALIVE_INTERVAL)
             if self.in_flight and transport.is_active() and \
                     not probe(transport, self.host.connect_timeout):
-                self.dead_reason = (
-                    f"the host stopped answering (no reply to a keepalive within "
-                    f"{self.host.connect_timeout:g}s: frozen, overloaded or cut off)")
+                self.dead_reason = frozen_message(self.host)
                 transport.close()
 
     def take(self) -> Worker:

@@ -8,14 +8,17 @@ Remote layout, under each host's ``work_dir`` (mode 0700; see :mod:`fabfile.proj
                                           script, when it travelled alone)
     <work_dir>/.venvs/<project>/          made by setup-workdir --requirements
 
-A run is one SSH channel: a small stdlib-only runner (:data:`RUNNER`) starts the script
-in its own process group, tees its output to the run dir and to us as it arrives, and
-records exit code and timing. Ctrl-C locally sends SIGTERM (then SIGKILL) to that group.
+A run is one SSH channel: the stdlib-only runner (:mod:`fabfile.runner`, sent as
+source) starts the script in its own process group, tees its output to the run dir and
+to us as it arrives, enforces ``timeout`` there (so the script stops even if we are
+gone), stops leftover processes when the script exits, and reports what it could not do.
+Ctrl-C locally sends SIGTERM (then SIGKILL) to that group.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -29,75 +32,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import shell
+from . import runner, shell
 from .errors import CommandError, FleetError, LocalError, RunInterrupted, host_errors
 from .execute import execute
 from .inventory import Host
 from .project import layout
-
-RUNNER = r'''
-import json, os, signal, subprocess, sys, threading, time
-spec = json.loads(sys.argv[1])
-run_dir = os.path.expanduser(spec["run_dir"])
-cwd = os.path.expanduser(spec["cwd"])
-for d in (os.path.expanduser(spec["work_dir"]), os.path.dirname(os.path.dirname(run_dir)),
-          os.path.dirname(run_dir), run_dir, cwd):
-    os.makedirs(d, mode=0o700, exist_ok=True)
-os.chmod(os.path.expanduser(spec["work_dir"]), 0o700)
-script = spec["script"] and os.path.expanduser(spec["script"])
-if script and not os.path.isfile(script):
-    sys.stderr.write("fabfleet-error: script: %s is not on this host\n" % script)
-    sys.exit(96)
-if spec.get("script_b64") is not None:
-    script = os.path.join(run_dir, spec["script_name"])
-    import base64
-    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(base64.b64decode(spec["script_b64"]))
-argv = [sys.executable, "-u", script] + spec["args"]
-env = dict(os.environ, PYTHONUNBUFFERED="1", FABFLEET_RUN_ID=spec["run_id"],
-           FABFLEET_RUN_DIR=run_dir)
-def write(name, text):
-    with open(os.path.join(run_dir, name), "w") as f:
-        f.write(text)
-write("command.json", json.dumps({"argv": argv, "cwd": cwd}))
-started = time.time()
-proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE, start_new_session=True, env=env)
-write("pid", str(proc.pid))
-def forward(signum, frame):
-    try:
-        os.killpg(proc.pid, signum)
-    except OSError:
-        pass
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(s, forward)
-def pump(src, name, out):
-    with open(os.path.join(run_dir, name), "wb") as f:
-        while True:
-            chunk = os.read(src.fileno(), 65536)
-            if not chunk:
-                break
-            f.write(chunk)
-            f.flush()
-            try:
-                out.write(chunk)
-                out.flush()
-            except OSError:
-                pass  # our SSH channel is gone: keep logging to the run dir
-threads = [threading.Thread(target=pump, args=(proc.stdout, "stdout", sys.stdout.buffer)),
-           threading.Thread(target=pump, args=(proc.stderr, "stderr", sys.stderr.buffer))]
-for t in threads:
-    t.start()
-code = proc.wait()
-for t in threads:
-    t.join()
-ended = time.time()
-code = code if code >= 0 else 128 - code
-write("exit_code", "%d\n" % code)
-write("timing.json", json.dumps({"started": started, "ended": ended, "seconds": ended - started}))
-sys.exit(code)
-'''
 
 INLINE_LIMIT = 256 * 1024  # scripts up to this size travel inside the command line
 # A directory with no project marker is pushed as the project only while it is small:
@@ -177,6 +116,8 @@ class RunResult:
     exit_code: int
     seconds: float
     stderr_tail: str = ""
+    stopped: str | None = None     # "timeout" or "signal" when the run was stopped
+    notes: tuple[str, ...] = ()    # what the runner could not do, or did on its own
 
     @property
     def ok(self) -> bool:
@@ -199,14 +140,16 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
                cwd: str = "", run_id: str | None = None,
                on_stdout: Callable[[bytes], None] | None = None,
                on_stderr: Callable[[bytes], None] | None = None,
-               timeout: float | None = None) -> RunResult:
+               timeout: float | None = None, keep_children: bool = False) -> RunResult:
     """Run a Python script on the host with its Python, env and ``env`` vars.
 
     The script runs in ``<work_dir>/<project>/<cwd>`` (``project`` defaults to the local
     script's directory name; ``cwd`` is relative to it). ``script_in_project`` (a posix
     path relative to the project) runs a pushed file; otherwise the local ``script`` is
     sent with the run. Output reaches ``on_stdout``/``on_stderr`` as it is produced; the
-    exit code is returned, not raised.
+    exit code is returned, not raised. ``timeout`` stops the script's whole process group
+    on the host (exit code 124, ``.stopped == "timeout"``); processes the script leaves
+    behind are stopped when it exits unless ``keep_children``.
     """
     host: Host = c.fleet_host
     script = Path(script)
@@ -228,31 +171,28 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
         if len(data) > INLINE_LIMIT:
             _upload(c, data, run_dir, script.name)
             spec.update(script=f"{run_dir}/{script.name}", script_b64=None)
+    if timeout is not None:
+        spec["timeout"] = timeout
+    spec["keep_children"] = keep_children
     command = shell.sh(shell.env_prefix(host, project) + f"exec {shell.q(host.python)} -c "
-                       f"{shell.q(RUNNER)} {shell.q(json.dumps(spec))}")
-    tail = bytearray()
-
-    def keep_stderr(data: bytes) -> None:
-        tail.extend(data)
-        del tail[:-8192]
-        # Our own markers (env, interpreter, script missing) come before the user's
-        # program starts, each in one write; they become the error raised below.
-        if on_stderr and not data.startswith(_ERR.encode()):
-            on_stderr(data)
-
+                       f"{shell.q(runner_source())} {shell.q(json.dumps(spec))}")
+    stderr = RunnerStderr(on_stderr)
     key = (host.name, run_dir)
     with host_slot(host):
         with _active_lock:
             _active[key] = c
         try:
-            result = execute(c, command, timeout=timeout, on_stdout=on_stdout,
-                             on_stderr=keep_stderr, keep=False,
+            # The runner enforces `timeout` on the host; ours is only a backstop.
+            result = execute(c, command, keep=False, on_stdout=on_stdout, on_stderr=stderr,
+                             timeout=None if timeout is None else timeout + 60,
                              action=f"run {script.name} in {lay['project']}")
         finally:
             with _active_lock:
                 _active.pop(key, None)
-    stderr_tail = tail.decode("utf-8", "replace")
     code = result.exit_code
+    marker = stderr.marker.decode("utf-8", "replace")
+    stderr_tail = stderr.tail.decode("utf-8", "replace") + marker
+    report = stderr.report()
     if _ERR + " python" in stderr_tail and code == 127:
         raise CommandError(host.name, f"Python interpreter {host.python!r} was not found on "
                            "the host. Install Python 3 there, or set `python:` in the "
@@ -262,11 +202,77 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
                            f"{stderr_tail.replace(_ERR + ' env', '').strip()}. Fix `venv` / "
                            "`conda_env` in the inventory or run `fabfleet setup-workdir`.",
                            exit_code=code, stderr=stderr_tail)
-    if _ERR + " script" in stderr_tail and code == 96:
+    if code == runner.SCRIPT_MISSING and "script:" in marker:
         raise CommandError(host.name, f"{script_in_project} is not in {lay['project']} on the "
                            "host: push the project first (`fabfleet push`), or run without "
                            "--no-push.", exit_code=code, stderr=stderr_tail)
-    return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail)
+    if code == runner.RUNNER_FAILED and marker:
+        message = marker.split(runner.ERROR.strip("\x1e"), 1)[-1].strip()
+        full = "full" in message.lower() or "No space" in message
+        raise CommandError(host.name, f"the run could not start: {message}. "
+                           + ("The host's disk is full: free space there, or point "
+                              "`work_dir` at a bigger disk." if full else
+                              "Check that `work_dir` in the inventory is writable."),
+                           exit_code=code, stderr=stderr_tail)
+    if report is None and code != 0 and not (_ERR in stderr_tail):
+        # No report: the runner itself died (killed, out of memory) or the link dropped.
+        notes = ("the runner ended without a report (killed? out of memory?); the exit "
+                 f"code {code} may not be the script's",)
+        return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail,
+                         None, notes)
+    report = report or {}
+    return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail,
+                     report.get("stopped"), tuple(report.get("notes") or ()))
+
+
+class RunnerStderr:
+    """The run's stderr callback: the script's stderr goes to ``on_stderr`` live; what
+    the runner itself says (after its record-separator marker) is kept apart."""
+
+    def __init__(self, on_stderr: Callable[[bytes], None] | None) -> None:
+        self.on_stderr = on_stderr
+        self.tail = bytearray()
+        self.marker = bytearray()
+        self.pending = b""
+
+    def __call__(self, data: bytes) -> None:
+        if self.marker:
+            self.marker.extend(data)
+            return
+        if not self.tail and not self.pending and data.startswith(_ERR.encode()):
+            self.marker.extend(data)  # the env or interpreter check failed before the runner
+            return
+        data = self.pending + data
+        cut = data.find(b"\x1efabfleet-")
+        if cut < 0:
+            # a marker may be split across chunks: hold back a possible start of one
+            keep = data.rfind(b"\x1e")
+            self.pending, data = (data[keep:], data[:keep]) if keep >= 0 and \
+                len(data) - keep < 16 else (b"", data)
+        else:
+            self.marker.extend(data[cut:])
+            self.pending, data = b"", data[:cut]
+        if data:
+            self.tail.extend(data)
+            del self.tail[:-8192]
+            if self.on_stderr:
+                self.on_stderr(data)
+
+    def report(self) -> dict | None:
+        text = self.marker.decode("utf-8", "replace")
+        _, sep, rest = text.partition(runner.REPORT)
+        if not sep:
+            return None
+        try:
+            return json.loads(rest.splitlines()[0])
+        except (ValueError, IndexError):
+            return None
+
+
+@functools.lru_cache(maxsize=1)
+def runner_source() -> str:
+    """The runner module's own source, as shipped to hosts."""
+    return Path(runner.__file__).read_text()
 
 
 def _upload(c, data: bytes, remote_dir: str, name: str) -> None:
@@ -328,7 +334,8 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
              cwd: str | os.PathLike[str] | None = None, push_project: bool = True,
              excludes: Sequence[str] = (), max_parallel: int = 32,
              on_output: Callable[[str, str, bytes], None] | None = None,
-             log_root: str | os.PathLike[str] | None = None, timeout: float | None = None):
+             log_root: str | os.PathLike[str] | None = None, timeout: float | None = None,
+             keep_children: bool = False):
     """Run ``script`` on every host at once (one run id for all); a per-host map.
 
     ``project_root`` (default: :func:`~fabfile.project.find_project` of ``cwd``) is the
@@ -396,7 +403,7 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
                 return run_script(c, script, args, project=name, script_in_project=rel,
                                   cwd=run_cwd, run_id=run_id,
                                   on_stdout=sink("stdout"), on_stderr=sink("stderr"),
-                                  timeout=timeout)
+                                  timeout=timeout, keep_children=keep_children)
         finally:
             for f in logs.values():
                 f.close()

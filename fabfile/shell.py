@@ -16,19 +16,24 @@ q = shlex.quote
 
 
 def path(p: str) -> str:
-    """Quote a remote path, keeping a leading ``~`` meaning the remote home."""
+    """Quote a remote path, keeping a leading ``~`` meaning the remote home. A relative
+    path starting with ``-`` gets ``./`` so no command can read it as an option."""
     if p == "~":
         return '"$HOME"'
     if p.startswith("~/"):
         return '"$HOME"/' + q(p[2:])
+    if p.startswith("-"):
+        p = "./" + p
     return q(p)
 
 
 def home_relative(p: str) -> str:
-    """``~/x`` → ``x``: SFTP and rsync paths are relative to the login (home) dir."""
+    """``~/x`` → ``x``: SFTP and rsync paths are relative to the login (home) dir
+    (``./-x`` for a path starting with ``-``)."""
     if p == "~":
         return "."
-    return p[2:] if p.startswith("~/") else p
+    p = p[2:] if p.startswith("~/") else p
+    return "./" + p if p.startswith("-") else p
 
 
 def join(parts: Iterable[str]) -> str:

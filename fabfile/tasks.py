@@ -330,15 +330,15 @@ def setup_workdir(c, host=None, group=None, all=False, requirements=None):  # no
     **SELECT_HELP, "source": "directory to push (default: the project root)",
     "exclude": "extra pattern to leave out, .gitignore syntax (repeatable)",
     "method": "auto (rsync when both ends have it, else SFTP), rsync or sftp",
-    "max_parallel": "hosts pushed to at once"})
+    "max_parallel": "hosts pushed to at once (default 16)"})
 def push(c, host=None, group=None, all=False, source=None, exclude=None,  # noqa: A002
-         method="auto", max_parallel=16):
+         method="auto", max_parallel=None):
     """Sync this project to <work_dir>/<project>/ on the hosts (only changed files go)."""
     from .project import layout
     from .transfer import local_files, push as push_dir
     if method not in ("auto", "rsync", "sftp"):
         raise Exit(f"fabfleet: --method {method!r}: expected auto, rsync or sftp", 2)
-    max_parallel = _number("max-parallel", max_parallel, int, 1)
+    max_parallel = _number("max-parallel", max_parallel, int, 1) or 16
     selected = _select(c, host, group, all)
     root, name = _project(c)
     source = Path(source).resolve() if source else root
@@ -375,10 +375,14 @@ def push(c, host=None, group=None, all=False, source=None, exclude=None,  # noqa
     "args": "arguments for the script, split like a shell would ('--epochs 3 --name \"a b\"')",
     "no_push": "do not push the project first; run what the last push left on the hosts",
     "exclude": "extra pattern the project push leaves out, .gitignore syntax (repeatable)",
-    "max_parallel": "hosts running at once (each host also honours its max_jobs)",
-    "timeout": "seconds before a run is stopped (default: none)"})
+    "max_parallel": "hosts running at once (default 32; each host also honours its max_jobs)",
+    "timeout": "seconds before the script's whole process group is stopped on the host "
+               "(exit code 124; default: none)",
+    "keep_children": "leave processes the script started running after it exits "
+                     "(default: stop them)"})
 def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A002
-               no_push=False, exclude=None, max_parallel=32, timeout=None):
+               no_push=False, exclude=None, max_parallel=None, timeout=None,
+               keep_children=False):
     """Run a Python script on the hosts from the synced project, output streamed live."""
     from .errors import CommandError, RunInterrupted
     from .output import PrefixedOutput
@@ -386,7 +390,7 @@ def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A0
     if not os.path.isfile(script):
         raise Exit(f"fabfleet: {script}: script not found (nothing was sent to any host)", 2)
     timeout = _number("timeout", timeout)
-    max_parallel = _number("max-parallel", max_parallel, int, 1)
+    max_parallel = _number("max-parallel", max_parallel, int, 1) or 32
     try:
         argv = shlex.split(args)
     except ValueError as exc:
@@ -398,19 +402,27 @@ def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A0
         results = run_many(
             selected, script, argv, project_root=root, project=name, cwd=os.getcwd(),
             push_project=not no_push, excludes=exclude or [], max_parallel=max_parallel,
-            on_output=printer, log_root=root / "gathered", timeout=timeout)
+            on_output=printer, log_root=root / "gathered", timeout=timeout,
+            keep_children=keep_children)
     except RunInterrupted as exc:
         printer.flush()
         raise Exit(f"fabfleet: {exc}", 130) from None
     printer.flush()
+    for name, o in results.succeeded.items():
+        for note in o.notes:
+            err_console().print(f"fabfleet: {name}: {note}", markup=False)
     if len(selected) == 1:
         (name, o), = results.items()
         if not o.ok:
             raise Exit(f"fabfleet: {o.error}", 255 if not isinstance(o.error, CommandError)
                        or o.error.exit_code is None else o.error.exit_code)
-        if o.value.exit_code != 0:
+        if o.value.stopped == "timeout":
+            err_console().print(f"fabfleet: {name}: {script} was stopped after {timeout:g}s "
+                                f"(--timeout) with its whole process group; exit code "
+                                f"{o.value.exit_code} (run dir {o.value.run_dir})", markup=False)
+        elif o.value.exit_code != 0:
             err_console().print(f"fabfleet: {name}: {script} exited {o.value.exit_code} "
-                                f"(run dir {o.value.run_dir})")
+                                f"(run dir {o.value.run_dir})", markup=False)
             if o.value.exit_code == 1 and "ModuleNotFoundError" in o.value.stderr_tail:
                 err_console().print("fabfleet: a module was not found on the host: if it is "
                                     "part of this project, check it is not excluded from "
@@ -426,7 +438,8 @@ def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A0
             table.add_row(name, "[green]ok[/]", "0", f"{o.value.seconds:.1f}", o.value.run_dir)
         elif o.ok:
             failed += 1
-            table.add_row(name, "[red]failed[/]", str(o.value.exit_code),
+            table.add_row(name, "[red]timed out[/]" if o.value.stopped == "timeout" else
+                          "[red]failed[/]", str(o.value.exit_code),
                           f"{o.value.seconds:.1f}", o.value.run_dir)
         else:
             failed += 1
@@ -464,6 +477,8 @@ def gather(c, patterns, host=None, group=None, all=False, dest=None,  # noqa: A0
         os.path.join(dest, conn.fleet_host.name), overwrite=overwrite))
     conflicts = [f"{h}: {g.local}" for h, files in results.succeeded.items() for g in files
                  if g.status == "conflict"]
+    refused = [f"{h}: {g.remote!r}" for h, files in results.succeeded.items() for g in files
+               if g.status == "refused"]
     try:
         _report(results, "gather", ["copied", "unchanged", "kept (differs)", "local dir"],
                 lambda files: [str(sum(g.status == "copied" for g in files)),
@@ -473,8 +488,11 @@ def gather(c, patterns, host=None, group=None, all=False, dest=None,  # noqa: A0
     finally:
         for line in conflicts:
             console().print(f"[yellow]![/] {line} differs from the remote copy and was kept; "
-                            "move it away or pass --overwrite")
-    if conflicts:
+                            "move it away or pass --overwrite", markup=False)
+        for line in refused:
+            console().print(f"! {line}: refused, its name would land outside "
+                            f"{dest}/<host>/ (nothing was written)", markup=False)
+    if conflicts or refused:
         raise Exit(code=1)
 
 
@@ -495,16 +513,16 @@ def clean(c, host=None, group=None, all=False, code=False, venv=False,  # noqa: 
 
 @fleet_task(help={**SELECT_HELP, "payload": "payload file made by fabfile.save_payload(path, fn, *args)",
                   "out": "where results go: <out>/<host>/<payload>.result.pkl (default: gathered)",
-                  "max_parallel": "hosts running at once"})
+                  "max_parallel": "hosts running at once (default 32)"})
 def run_pickle(c, payload, host=None, group=None, all=False, out="gathered",  # noqa: A002
-               max_parallel=32):
+               max_parallel=None):
     """Run a pickled call (fabfile.save_payload) on the hosts; save each result locally."""
     import cloudpickle
 
     from .output import PrefixedOutput
     from .payload import load_payload_bytes, run_on_hosts
     blob = load_payload_bytes(payload)  # a local error before any connection
-    max_parallel = _number("max-parallel", max_parallel, int, 1)
+    max_parallel = _number("max-parallel", max_parallel, int, 1) or 32
     selected = _select(c, host, group, all)
     printer = PrefixedOutput(prefix=len(selected) > 1)
     results = run_on_hosts(selected, blob, max_parallel=max_parallel, on_output=printer)

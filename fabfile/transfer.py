@@ -9,6 +9,9 @@ renamed, so a host never sees a half-written file.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import errno
 import fnmatch
 import hashlib
 import os
@@ -16,6 +19,7 @@ import posixpath
 import shutil
 import stat
 import subprocess
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from . import shell
 from .errors import LocalError, TransferError, host_errors
+from .connection import KEEPALIVE_INTERVAL, watched
 from .execute import execute
 
 # /gathered/ is where gather and run-remote put what comes back: never send it out again.
@@ -84,6 +89,11 @@ class LocalFile:
     size: int
     mtime: int    # whole seconds: what SFTP and `find` agree on
     mode: int
+    link: str | None = None  # a symlink's target: sent as a link, never its content
+
+    def state(self) -> tuple:
+        """What the remote listing shows when the host has this file as it is here."""
+        return ("link", self.link) if self.link is not None else (self.size, self.mtime)
 
 
 def local_files(root: str | os.PathLike[str], excludes: Sequence[str] = ()) -> list[LocalFile]:
@@ -102,43 +112,55 @@ def local_files(root: str | os.PathLike[str], excludes: Sequence[str] = ()) -> l
         keep = []
         for d in sorted(dirnames):
             rel = f"{reldir}/{d}" if reldir else d
-            if not _ignored(rules, rel, True) and not os.path.islink(os.path.join(dirpath, d)):
+            if _ignored(rules, rel, True):
+                continue
+            if os.path.islink(os.path.join(dirpath, d)):
+                filenames.append(d)  # a link to a directory is sent as a link
+            else:
                 keep.append(d)
         dirnames[:] = keep
         for f in sorted(filenames):
             rel = f"{reldir}/{f}" if reldir else f
             full = os.path.join(dirpath, f)
-            if _ignored(rules, rel, False) or not os.path.isfile(full):
+            if _ignored(rules, rel, False):
                 continue
-            st = os.stat(full)
-            out.append(LocalFile(rel, st.st_size, int(st.st_mtime), stat.S_IMODE(st.st_mode)))
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                # Sent as a link (as rsync -l does): a link pointing outside the tree
+                # never carries its target's content to the host.
+                target = os.readlink(full)
+                out.append(LocalFile(rel, len(os.fsencode(target)), int(st.st_mtime), 0o777,
+                                     link=target))
+            elif stat.S_ISREG(st.st_mode):
+                out.append(LocalFile(rel, st.st_size, int(st.st_mtime),
+                                     stat.S_IMODE(st.st_mode)))
+    out.sort(key=lambda f: f.rel)
     return out
 
 
 # -- remote tree listing ----------------------------------------------------------------
-def remote_manifest(c, directory: str) -> dict[str, tuple[int, int]]:
-    """``{rel: (size, mtime)}`` of the files under a remote directory (``{}`` if absent).
+FIND_LISTING = "find . \\( -type f -o -type l \\) -printf '%P\\0%y\\0%s\\0%T@\\0%l\\0'"
 
-    One ``find -printf`` round trip (GNU find); falls back to walking over SFTP.
+
+def remote_manifest(c, directory: str) -> dict[str, tuple]:
+    """``{rel: (size, mtime)}`` of the files under a remote directory, ``{rel: ("link",
+    target)}`` for its symlinks (``{}`` if it does not exist).
+
+    One ``find -printf`` round trip, NUL-separated so any byte in a name survives
+    (undecodable bytes come back as :func:`os.fsdecode` does); falls back to SFTP.
     """
-    cmd = shell.sh(f"cd {shell.path(directory)} 2>/dev/null || exit 0; "
-                   "find . -type f -printf '%P\\t%s\\t%T@\\n'")
+    cmd = shell.sh(f"cd -- {shell.path(directory)} 2>/dev/null || exit 0; {FIND_LISTING}")
     result = execute(c, cmd, timeout=300, action=f"list files in {directory}")
     if result.exit_code == 0:
-        manifest = {}
-        for line in result.stdout.splitlines():
-            parts = line.rsplit("\t", 2)
-            if len(parts) == 3:
-                manifest[parts[0]] = (int(parts[1]), int(float(parts[2])))
-        return manifest
+        return parse_find_listing(result.stdout_bytes)
     return _sftp_manifest(c, directory)
 
 
 def _sftp_manifest(c, directory: str) -> dict[str, tuple[int, int]]:
     host = c.fleet_host.name
-    manifest: dict[str, tuple[int, int]] = {}
-    with host_errors(host, f"list {directory} over SFTP"):
-        sftp = c.sftp()
+    manifest: dict[str, tuple] = {}
+    with watched(c, f"list {directory}"), host_errors(host, f"list {directory} over SFTP"):
+        sftp = sftp_client(c)
         top = shell.home_relative(directory)
         stack = [""]
         while stack:
@@ -151,6 +173,8 @@ def _sftp_manifest(c, directory: str) -> dict[str, tuple[int, int]]:
                 r = f"{rel}/{e.filename}" if rel else e.filename
                 if stat.S_ISDIR(e.st_mode):
                     stack.append(r)
+                elif stat.S_ISLNK(e.st_mode):
+                    manifest[r] = ("link", sftp.readlink(posixpath.join(top, r)))
                 elif stat.S_ISREG(e.st_mode):
                     manifest[r] = (e.st_size, int(e.st_mtime))
     return manifest
@@ -168,35 +192,53 @@ class PushResult:
     seconds: float = 0.0
 
 
-def _remote_state(c, remote_dir: str) -> tuple[bool, dict[str, tuple[int, int]]]:
+def _remote_state(c, remote_dir: str) -> tuple[bool, dict[str, tuple]]:
     """One round trip: create ``remote_dir``, say whether the host has rsync, and list
-    the files already there (``{rel: (size, mtime)}``; GNU find, else SFTP)."""
+    what is already there (see :func:`remote_manifest`)."""
     d = shell.path(remote_dir)
     cmd = shell.sh(f"mkdir -p -- {d} && cd -- {d} || exit 1; "
                    "if command -v rsync >/dev/null 2>&1; then echo rsync; else echo none; fi; "
-                   "find . -type f -printf '%P\\0%s\\0%T@\\0' || exit 3")
+                   f"{FIND_LISTING} || exit 3")
     result = execute(c, cmd, timeout=300, action=f"list files in {remote_dir}")
     if result.exit_code == 1:
+        full = "No space left" in result.stderr
         raise TransferError(c.fleet_host.name, f"could not create {remote_dir}: "
-                            f"{result.stderr.strip() or result.stdout.strip()}. Check that "
-                            "`work_dir` in the inventory is writable for the user.")
-    first, _, listing = result.stdout.partition("\n")
+                            f"{result.stderr.strip() or result.stdout.strip()}. "
+                            + ("The host's disk is full." if full else "Check that `work_dir` "
+                               "in the inventory is writable for the user."))
+    first, _, listing = result.stdout_bytes.partition(b"\n")
     if result.exit_code != 0:
-        return first.strip() == "rsync", _sftp_manifest(c, remote_dir)
-    return first.strip() == "rsync", parse_find_listing(listing)
+        return first.strip() == b"rsync", _sftp_manifest(c, remote_dir)
+    return first.strip() == b"rsync", parse_find_listing(listing)
 
 
-def parse_find_listing(text: str) -> dict[str, tuple[int, int]]:
-    """``find -printf '%P\\0%s\\0%T@\\0'`` output → ``{rel: (size, whole-second mtime)}``
-    (NUL-separated, so names with newlines survive)."""
-    parts = text.split("\0")
-    manifest = {}
-    for i in range(0, len(parts) - 2, 3):
+def parse_find_listing(data: bytes) -> dict[str, tuple]:
+    """:data:`FIND_LISTING` output → ``{rel: (size, whole-second mtime)}`` for files and
+    ``{rel: ("link", target)}`` for symlinks; names via :func:`os.fsdecode`."""
+    parts = data.split(b"\0")
+    manifest: dict[str, tuple] = {}
+    for i in range(0, len(parts) - 4, 5):
+        name, kind, size, mtime, target = parts[i:i + 5]
         try:
-            manifest[parts[i]] = (int(parts[i + 1]), int(float(parts[i + 2])))
+            if kind == b"l":
+                manifest[os.fsdecode(name)] = ("link", os.fsdecode(target))
+            else:
+                manifest[os.fsdecode(name)] = (int(size), int(float(mtime)))
         except ValueError:
             continue
     return manifest
+
+
+def sftp_client(c):
+    """The connection's SFTP client, with a per-operation timeout: a host that stops
+    answering fails the transfer instead of hanging it."""
+    sftp = c.sftp()
+    sftp.get_channel().settimeout(sftp_timeout(c.fleet_host))
+    return sftp
+
+
+def sftp_timeout(host) -> float:
+    return KEEPALIVE_INTERVAL + 2 * host.connect_timeout
 
 
 def ssh_command_for(c) -> list[str]:
@@ -208,6 +250,9 @@ def ssh_command_for(c) -> list[str]:
     host = c.fleet_host
     argv = ["ssh", "-p", str(c.port), "-o", "BatchMode=yes",
             "-o", f"ConnectTimeout={max(1, int(host.connect_timeout))}",
+            # liveness: a host that stops answering ends ssh (and rsync) within
+            # KEEPALIVE_INTERVAL * 2 + a probe, instead of hanging forever
+            "-o", f"ServerAliveInterval={int(KEEPALIVE_INTERVAL)}", "-o", "ServerAliveCountMax=2",
             "-o", "UserKnownHostsFile=" + " ".join(c.known_hosts_files),
             "-o", "StrictHostKeyChecking=" + ("accept-new" if host.host_key_policy ==
                                               "accept-new" else "yes")]
@@ -240,7 +285,7 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
     remote_rsync, manifest = _remote_state(c, remote_dir)
     use_rsync = method == "rsync" or (method == "auto" and remote_rsync
                                       and shutil.which("rsync") is not None)
-    changed = [f for f in files if manifest.get(f.rel) != (f.size, f.mtime)]
+    changed = [f for f in files if manifest.get(f.rel) != f.state()]
     if not changed:
         result = PushResult(c.fleet_host.name, "rsync" if use_rsync else "sftp", 0, 0,
                             len(files), remote_dir)
@@ -264,8 +309,9 @@ def _push_rsync(c, local: Path, remote_dir: str, files: list[LocalFile],
     target = f"{addr}:{rpath}"
     argv = ["rsync", "-s", "-rlt", "--perms", "--chmod=Du=rwx,Dgo=,Fgo=", "--files-from=-",
             "--from0", "--stats", "--info=progress2", "--no-inc-recursive",
+            f"--timeout={int(sftp_timeout(c.fleet_host)) + 30}",
             "-e", shell.join(ssh_command_for(c)), f"{local}/", target]
-    listing = b"\0".join(f.rel.encode() for f in files) + (b"\0" if files else b"")
+    listing = b"\0".join(os.fsencode(f.rel) for f in files) + (b"\0" if files else b"")
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
@@ -320,12 +366,16 @@ def _parse_rsync_stats(text: str) -> dict[str, int]:
 
 def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
                on_progress: Progress | None) -> PushResult:
+    """Send ``files`` over SFTP, each under a temporary name unique to this transfer
+    (process and random), then renamed into place: a host never sees a half-written
+    file, and two pushes at once never mix their contents in one file."""
     host = c.fleet_host.name
     changed = files
-    total = sum(f.size for f in changed)
+    total = sum(f.size for f in changed if f.link is None)
     done = 0
-    with host_errors(host, f"push to {remote_dir} over SFTP"):
-        sftp = c.sftp()
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    with watched(c, f"push to {remote_dir}"), host_errors(host, f"push to {remote_dir} over SFTP"):
+        sftp = sftp_client(c)
         top = shell.home_relative(remote_dir)
         made: set[str] = set()
         for f in changed:
@@ -334,33 +384,59 @@ def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
             if parent not in made:
                 _sftp_makedirs(sftp, parent)
                 made.add(parent)
-            tmp = posixpath.join(parent, f".fabfleet-tmp.{posixpath.basename(target)}")
+            tmp = os.fsencode(posixpath.join(parent, f".fabfleet-tmp.{tag}."
+                                             f"{posixpath.basename(target)}"))
+            if f.link is not None:
+                sftp.symlink(os.fsencode(f.link), tmp)
+                sftp.posix_rename(tmp, os.fsencode(target))
+                continue
             base = done
 
             def cb(sent: int, _total: int, base: int = base) -> None:
                 if on_progress:
                     on_progress(base + sent, total)
-            sftp.put(str(local / f.rel), tmp, callback=cb, confirm=True)
-            sftp.chmod(tmp, f.mode & 0o700)
-            sftp.utime(tmp, (f.mtime, f.mtime))
-            sftp.posix_rename(tmp, target)
+            try:
+                with _open_local(local / f.rel) as src:
+                    sftp.putfo(src, tmp, file_size=f.size, callback=cb, confirm=True)
+                sftp.chmod(tmp, f.mode & 0o700)
+                sftp.utime(tmp, (f.mtime, f.mtime))
+                sftp.posix_rename(tmp, os.fsencode(target))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sftp.remove(tmp)
+                raise
             done += f.size
     if on_progress:
         on_progress(total, total)
     return PushResult(host, "sftp", len(changed), total, len(files), remote_dir)
 
 
+@contextlib.contextmanager
+def _open_local(path: Path):
+    """A local file to send; a local problem is a LocalError naming the path."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise LocalError(f"{path}: cannot read it to push: {exc.strerror or exc}") from None
+    with f:
+        yield f
+
+
 def _sftp_makedirs(sftp, path: str) -> None:
     parts = []
     while path not in ("", ".", "/"):
         try:
-            sftp.stat(path)
+            sftp.stat(os.fsencode(path))
             break
         except FileNotFoundError:
             parts.append(path)
             path = posixpath.dirname(path)
     for p in reversed(parts):
-        sftp.mkdir(p, mode=0o700)
+        try:
+            sftp.mkdir(os.fsencode(p), mode=0o700)
+        except OSError:
+            if not stat.S_ISDIR(sftp.stat(os.fsencode(p)).st_mode):  # made by a concurrent push?
+                raise
 
 
 # -- gather ----------------------------------------------------------------------------
@@ -369,7 +445,8 @@ class GatheredFile:
     remote: str
     local: str
     size: int
-    status: str  # "copied", "unchanged" (identical local copy), "conflict" (left alone)
+    status: str  # "copied", "unchanged" (identical local copy), "conflict" (left alone),
+    #              "refused" (its name would land outside the destination)
 
 
 def _glob_match(rel: str, pattern: str) -> bool:
@@ -392,58 +469,157 @@ def gather(c, remote_dir: str, patterns: Sequence[str], dest: str | os.PathLike[
     """Copy files under ``remote_dir`` matching ``patterns`` (globs relative to it, ``*``
     stays within a directory, ``**/`` spans them) into ``dest``, keeping relative paths.
 
-    Each file is verified by size and SHA-256 against the remote copy before it takes
-    its place. An existing local file with other content is never overwritten unless
-    ``overwrite``: it is reported as ``"conflict"``.
+    Each file is hashed while it is copied and verified by size and SHA-256 against the
+    remote copy before it takes its place (under a temporary name unique to this
+    transfer, then renamed). An existing local file with other content is never
+    overwritten unless ``overwrite``: it is reported as ``"conflict"``. A remote name that
+    would land outside ``dest`` (``..``, an absolute path, a local symlink leading out)
+    is refused (``"refused"``), never written. Local problems raise
+    :class:`~fabfile.errors.LocalError` naming the local path.
     """
     host = c.fleet_host.name
     manifest = remote_manifest(c, remote_dir)
-    wanted = sorted(rel for rel in manifest if any(_glob_match(rel, p) for p in patterns))
+    wanted = sorted(rel for rel, st in manifest.items() if st[0] != "link"
+                    and any(_glob_match(rel, p) for p in patterns))
     if not wanted:
         return []
-    sums = _remote_sha256(c, remote_dir, wanted)
-    out = []
-    with host_errors(host, f"gather from {remote_dir}"):
-        sftp = c.sftp()
+    root = Path(dest)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        root = root.resolve()
+    except OSError as exc:
+        raise LocalError(f"{dest}: cannot create the gather directory: "
+                         f"{exc.strerror or exc}") from None
+    out, safe = [], []
+    for rel in wanted:
+        local = contained(root, rel)
+        if local is None:
+            out.append(GatheredFile(rel, "", manifest[rel][0], "refused"))
+        else:
+            safe.append((rel, local))
+    sums = _remote_sha256(c, remote_dir, [rel for rel, _ in safe])
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    with watched(c, f"gather from {remote_dir}"), host_errors(host, f"gather from {remote_dir}"):
+        sftp = sftp_client(c)
         top = shell.home_relative(remote_dir)
-        for rel in wanted:
-            local = Path(dest) / rel
+        for rel, local in safe:
             size = manifest[rel][0]
-            if local.exists():
-                if local.stat().st_size == size and _sha256(local) == sums[rel]:
+            if rel not in sums:
+                raise TransferError(host, f"{rel!r}: no checksum came back for it (removed "
+                                    "while gathering?); gather again.")
+            if os.path.lexists(local):
+                if local.is_file() and local.stat().st_size == size and \
+                        _sha256(local) == sums[rel]:
                     out.append(GatheredFile(rel, str(local), size, "unchanged"))
                     continue
                 if not overwrite:
                     out.append(GatheredFile(rel, str(local), size, "conflict"))
                     continue
-            local.parent.mkdir(parents=True, exist_ok=True)
-            part = local.with_name(local.name + ".fabfleet-part")
-            sftp.get(posixpath.join(top, rel), str(part))
-            got_size, got_sum = part.stat().st_size, _sha256(part)
-            if got_size != size or got_sum != sums[rel]:
-                part.unlink()
-                raise TransferError(host, f"{rel}: the copy does not match the remote file "
-                                    f"(size {got_size} vs {size}, sha256 differs). The file may "
-                                    "be changing while gathered; wait for the run to finish and "
-                                    "gather again.")
-            os.replace(part, local)
+            part = local.with_name(f".{local.name}.fabfleet-part-{tag}")
+            writer = _HashingWriter(part)
+            try:
+                with writer:
+                    sftp.getfo(os.fsencode(posixpath.join(top, rel)), writer)
+                if writer.size != size or writer.hexdigest() != sums[rel]:
+                    raise TransferError(host, f"{rel}: the copy does not match the remote "
+                                        f"file (size {writer.size} vs {size}, sha256 "
+                                        "differs). The file may be changing while gathered; "
+                                        "wait for the run to finish and gather again.")
+                _replace(part, local)
+            finally:
+                with contextlib.suppress(OSError):
+                    part.unlink()
             out.append(GatheredFile(rel, str(local), size, "copied"))
     return out
 
 
+def contained(root: Path, rel: str) -> Path | None:
+    """``root/rel`` if it stays inside ``root`` (no ``..``, not absolute, no local
+    symlink leading out), with its parent directories made; else ``None``."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        return None
+    local = root.joinpath(*parts)
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise LocalError(f"{local.parent}: cannot create it: {exc.strerror}") from None
+        return None  # a file where a directory should be, a name too long, …
+    real = os.path.realpath(local.parent)
+    if real != str(root) and not real.startswith(str(root) + os.sep):
+        return None
+    if os.path.islink(local):
+        return None  # never write through a link
+    return local
+
+
+class _HashingWriter:
+    """The local file a gathered copy is written to, hashed as it is written; a local
+    write problem is a LocalError naming the path (not a connection error)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.hash = hashlib.sha256()
+        self.size = 0
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.f = os.fdopen(fd, "wb")
+        except OSError as exc:
+            raise LocalError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+    def write(self, data: bytes) -> int:
+        try:
+            self.f.write(data)
+        except OSError as exc:
+            raise LocalError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+        self.hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.f.close()
+        except OSError as err:
+            raise LocalError(f"{self.path}: cannot write: {err.strerror or err}") from None
+
+
+def _replace(part: Path, local: Path) -> None:
+    try:
+        os.replace(part, local)
+    except OSError as exc:
+        raise LocalError(f"{local}: cannot put the gathered file in place: "
+                         f"{exc.strerror or exc}") from None
+
+
 def _remote_sha256(c, remote_dir: str, rels: list[str]) -> dict[str, str]:
+    """SHA-256 of remote files, names passed NUL-separated (any byte in a name works)."""
     host = c.fleet_host.name
     sums: dict[str, str] = {}
-    for i in range(0, len(rels), 500):  # keep command lines well under ARG_MAX
-        batch = rels[i:i + 500]
-        cmd = shell.sh(f"cd {shell.path(remote_dir)} && sha256sum -- "
-                       + " ".join(shell.q(r) for r in batch))
+    for i in range(0, len(rels), 2000):  # keep command lines well under ARG_MAX
+        batch = b"".join(os.fsencode(r) + b"\0" for r in rels[i:i + 2000])
+        cmd = shell.sh(f"cd -- {shell.path(remote_dir)} && printf %s "
+                       f"{shell.q(base64.b64encode(batch).decode())} | base64 -d | "
+                       "xargs -0 -r sha256sum -z --")
         result = execute(c, cmd, timeout=600, action="checksum files to gather")
         if result.exit_code != 0:
             raise TransferError(host, f"sha256sum failed in {remote_dir}: "
-                                f"{result.stderr.strip()[-500:]}. gather needs coreutils' "
-                                "sha256sum on the host.")
-        for line in result.stdout.splitlines():
-            digest, _, name = line.partition("  ")
-            sums[name] = digest
+                                f"{result.stderr.strip()[-500:]}. gather needs GNU "
+                                "coreutils (sha256sum -z) and xargs on the host.")
+        sums.update(parse_sha256sum_z(result.stdout_bytes))
     return sums
+
+
+def parse_sha256sum_z(data: bytes) -> dict[str, str]:
+    """``sha256sum -z`` output (``HASH  NAME\\0`` …, names unescaped) → ``{name: hash}``."""
+    out = {}
+    for entry in data.split(b"\0"):
+        if len(entry) > 66 and entry[64:65] == b" ":
+            out[os.fsdecode(entry[66:])] = entry[:64].decode()
+    return out

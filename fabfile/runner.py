@@ -1,0 +1,264 @@
+"""The remote side of a script run: start the script, tee its output, record the run.
+
+Sent to the host as source and run as ``python -c SOURCE SPEC_JSON`` (standard library
+only; :mod:`fabfile.runs` is the client). It survives its own failures: a run dir it
+cannot create or a disk that fills up only stops the *saving* (the script's output keeps
+flowing to the client); what could not be saved is reported. The report is the last
+thing on stderr, after ``REPORT`` (an ASCII record separator, then ``fabfleet-report:``),
+as one JSON object::
+
+    {"exit_code": int, "stopped": "timeout" | "signal" | null, "notes": [str, …]}
+
+Before the script starts, a runner failure is one line ``ERROR`` + ``KIND: message`` on
+stderr and exit code :data:`RUNNER_FAILED` (``cwd``, ``script``) — never mistaken for the
+script's own exit code.
+
+When the script exits, the run ends: processes left in its process group are stopped
+(unless ``keep_children``), and output pipes still held open by an escaped daemon stop
+being read after :data:`PIPE_GRACE` seconds. ``timeout`` stops the whole process group
+(SIGTERM, SIGKILL after ``grace``) and exits 124, as GNU timeout does.
+"""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ERROR = "\x1efabfleet-error: "
+REPORT = "\x1efabfleet-report: "
+RUNNER_FAILED = 95
+SCRIPT_MISSING = 96
+TIMED_OUT = 124
+PIPE_GRACE = 2.0
+
+
+def group_members(pgid):
+    """Pids in process group ``pgid`` (Linux /proc; empty where there is none)."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            members.append(int(name))
+    return members
+
+
+def stop_group(pgid, grace):
+    """SIGTERM the group, SIGKILL what is left after ``grace`` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.time() + grace
+    while time.time() < deadline and group_members(pgid):
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class Saver(object):
+    """One output file in the run dir; on the first write error it stops saving and
+    remembers why (the script's output still reaches the client)."""
+
+    def __init__(self, run_dir, name, notes):
+        self.name, self.notes, self.f = name, notes, None
+        if run_dir is not None:
+            try:
+                self.f = open(os.path.join(run_dir, name), "wb")
+            except OSError as exc:
+                self.fail(exc)
+
+    def fail(self, exc):
+        self.notes.append("could not save %s in the run dir: %s" % (self.name, exc.strerror
+                                                                     or exc))
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+        self.f = None
+
+    def write(self, chunk):
+        if self.f is None:
+            return
+        try:
+            self.f.write(chunk)
+            self.f.flush()
+        except OSError as exc:
+            self.fail(exc)
+
+    def close(self):
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError as exc:
+                self.fail(exc)
+
+
+def pump(src, saver, out, stop):
+    """Copy a pipe to the run dir and to us until EOF (or until told to stop)."""
+    fd = src.fileno()
+    while not stop.is_set():
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        saver.write(chunk)
+        try:
+            out.write(chunk)
+            out.flush()
+        except (OSError, ValueError):
+            pass  # our SSH channel is gone: keep draining and saving
+
+
+def fail(kind, message):
+    sys.stderr.write("%s%s: %s\n" % (ERROR, kind, message))
+    sys.stderr.flush()
+    sys.exit(RUNNER_FAILED if kind != "script" else SCRIPT_MISSING)
+
+
+def write_file(run_dir, name, text, notes):
+    if run_dir is None:
+        return
+    path = os.path.join(run_dir, name)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.rename(path + ".tmp", path)
+    except OSError as exc:
+        notes.append("could not write %s in the run dir: %s" % (name, exc.strerror or exc))
+
+
+def main(spec):
+    notes = []
+    def expand(p):  # absolute: a relative path starting with "-" must never be an option
+        return os.path.abspath(os.path.expanduser(p))
+    run_dir, cwd, work_dir = expand(spec["run_dir"]), expand(spec["cwd"]), expand(spec["work_dir"])
+    try:
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        os.chmod(work_dir, 0o700)
+        os.makedirs(cwd, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        fail("cwd", "cannot create the working directory %s: %s" % (cwd, exc.strerror or exc))
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        notes.append("could not create the run dir %s: %s; nothing of this run is saved on "
+                     "the host" % (run_dir, exc.strerror or exc))
+        run_dir = None
+
+    script = spec.get("script") and expand(spec["script"])
+    if spec.get("script_b64") is not None:
+        data = base64.b64decode(spec["script_b64"])
+        script = None
+        for where in ([run_dir] if run_dir else []) + [None]:
+            try:
+                if where is None:  # the run dir is not writable: a private temp file
+                    fd, script = tempfile.mkstemp(prefix="fabfleet-", suffix="-" + spec["script_name"])
+                else:
+                    script = os.path.join(where, spec["script_name"])
+                    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                break
+            except OSError as exc:
+                notes.append("could not write the script to %s: %s" % (
+                    where or "a temp file", exc.strerror or exc))
+                script = None
+        if script is None:
+            fail("cwd", "nowhere to write the script on the host: " + "; ".join(notes))
+    if not script or not os.path.isfile(script):
+        fail("script", "%s is not on this host" % script)
+
+    argv = [sys.executable, "-u", script] + spec["args"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FABFLEET_RUN_ID=spec["run_id"],
+               FABFLEET_RUN_DIR=run_dir or "")
+    started = time.time()
+    write_file(run_dir, "command.json", json.dumps({"argv": argv, "cwd": cwd}), notes)
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, env=env)
+    except OSError as exc:
+        fail("cwd", "cannot start %s: %s" % (sys.executable, exc))
+    pgid = proc.pid
+    write_file(run_dir, "pid", str(proc.pid), notes)
+    stopped = [None]
+
+    def forward(signum, frame):
+        stopped[0] = "signal"
+        try:
+            os.killpg(pgid, signum)
+        except OSError:
+            pass
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+
+    stop = threading.Event()
+    savers = [Saver(run_dir, "stdout", notes), Saver(run_dir, "stderr", notes)]
+    threads = [threading.Thread(target=pump, args=(proc.stdout, savers[0], sys.stdout.buffer, stop)),
+               threading.Thread(target=pump, args=(proc.stderr, savers[1], sys.stderr.buffer, stop))]
+    for t in threads:
+        t.daemon = True
+        t.start()
+    timeout, grace = spec.get("timeout"), float(spec.get("grace") or 2.0)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stopped[0] = "timeout"
+        notes.append("stopped after %gs (--timeout): SIGTERM to the script's process group, "
+                     "SIGKILL %gs later" % (timeout, grace))
+        stop_group(pgid, grace)
+        code = proc.wait()
+    left = group_members(pgid)
+    if left and not spec.get("keep_children"):
+        notes.append("the script left %d process(es) running in its process group (pids %s): "
+                     "stopped them" % (len(left), ", ".join(map(str, left[:10]))))
+        stop_group(pgid, grace)
+    elif left:
+        notes.append("the script left %d process(es) running (pids %s); kept, as asked"
+                     % (len(left), ", ".join(map(str, left[:10]))))
+    deadline = time.time() + PIPE_GRACE
+    for t in threads:
+        t.join(max(0.0, deadline - time.time()))
+    if any(t.is_alive() for t in threads):
+        stop.set()
+        notes.append("a process outside the script's process group (a daemon?) still holds "
+                     "its output open; that output is no longer collected")
+    for saver in savers:
+        saver.close()
+    ended = time.time()
+    if stopped[0] == "timeout":
+        code = TIMED_OUT
+    elif code < 0:
+        code = 128 - code
+    write_file(run_dir, "timing.json", json.dumps(
+        {"started": started, "ended": ended, "seconds": ended - started,
+         "stopped": stopped[0], "notes": notes}), notes)
+    write_file(run_dir, "exit_code", "%d\n" % code, notes)
+    sys.stdout.flush()
+    sys.stderr.write(REPORT + json.dumps({"exit_code": code, "stopped": stopped[0],
+                                          "notes": notes}) + "\n")
+    sys.stderr.flush()
+    os._exit(code)  # daemon pump threads may still block on a held pipe
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
