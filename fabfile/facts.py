@@ -92,6 +92,33 @@ def nvidia_smi():
                        universal_newlines=True, timeout=20)
     return {"exit": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
 
+def jobs():
+    """Detached fabfleet jobs under the work dir still running (pid + start time)."""
+    root = os.path.join(os.path.expanduser(args["work_dir"]), ".runs")
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = None
+    running = []
+    for project in (os.listdir(root) if os.path.isdir(root) else []):
+        pdir = os.path.join(root, project)
+        for run_id in (os.listdir(pdir) if os.path.isdir(pdir) else []):
+            rd = os.path.join(pdir, run_id)
+            if os.path.exists(os.path.join(rd, "exit_code")):
+                continue
+            try:
+                with open(os.path.join(rd, "job.json")) as f:
+                    job = json.load(f)
+                with open("/proc/%d/stat" % job["pid"]) as f:
+                    ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+            except (OSError, ValueError, KeyError, IndexError):
+                continue
+            if ticks == job.get("start_ticks") and job.get("boot_id") == boot:
+                running.append({"run_id": run_id, "project": project,
+                                "command": " ".join(job.get("argv", [])[2:3])})
+    return running
+
 out = {"env_error": sys.argv[2] if len(sys.argv) > 2 else ""}
 for fact in args["facts"]:
     try:
@@ -177,11 +204,12 @@ FACTS: Sequence[Fact] = (
 )
 
 
-def probe_command(host: Host, require: Sequence[str] = (), project: str | None = None) -> str:
-    """The one command that gathers every fact: activate the env (noting failure),
-    check the interpreter exists, run :data:`PROBE` with it."""
+def probe_command(host: Host, require: Sequence[str] = (), project: str | None = None,
+                  facts: Sequence[str] | None = None) -> str:
+    """The one command that gathers every fact (or only ``facts``): activate the env
+    (noting failure), check the interpreter exists, run :data:`PROBE` with it."""
     args = {"require": list(require), "work_dir": host.work_dir, "marker": MARKER,
-            "facts": [f.name for f in FACTS]}
+            "facts": list(facts) if facts is not None else [f.name for f in FACTS]}
     py = shell.q(host.python)
     act = shell.run_activation(host, project)
     script = shell.exports(host.env)
@@ -301,3 +329,54 @@ def check_hosts(hosts, *, require: Sequence[str] = (), project: str | None = Non
                              f"{name}: unexpected {type(err).__name__}: {err}"}
             report[name]["error_type"] = type(err).__name__
     return {"ok": all(r["ok"] for r in report.values()), "hosts": report}
+
+
+# -- top: a live snapshot of load, memory, disk, GPUs and jobs ------------------------------
+TOP_FACTS = ("load", "cpus", "meminfo", "work_dir", "nvidia_smi", "jobs")
+
+
+def parse_top(raw: dict) -> dict:
+    """Probe output (``TOP_FACTS``) → ``top --json``'s per-host entry (pure)."""
+    out: dict[str, Any] = {"ok": True, "error": None}
+    for fact in FACTS:
+        if fact.name in TOP_FACTS and "ok" in raw.get(fact.name, {}):
+            out.update(fact.parse(raw[fact.name]["ok"]))
+    out["jobs"] = raw.get("jobs", {}).get("ok") or []
+    for key in ("work_dir_exists", "work_dir_writable", "cpus_usable", "gpu_error"):
+        out.pop(key, None)
+    return out
+
+
+def top_snapshot(c) -> dict:
+    """One round trip: load, CPUs, memory, disk (work dir), each GPU's utilization and
+    memory, and the running fabfleet jobs of the host behind ``c``."""
+    host: Host = c.fleet_host
+    result = execute(c, probe_command(host, facts=TOP_FACTS), timeout=60,
+                     action="read the host's load")
+    try:
+        raw = parse_probe_output(result.stdout)
+    except ValueError:
+        raise CommandError(host.name, f"the probe with {host.python!r} exited "
+                           f"{result.exit_code} without a report: "
+                           f"{(result.stderr or result.stdout).strip()[-300:]}",
+                           exit_code=result.exit_code) from None
+    if raw.get("python_missing"):
+        raise CommandError(host.name, f"Python interpreter {host.python!r} was not found "
+                           "on the host")
+    return parse_top(raw)
+
+
+def top_hosts(hosts, *, max_workers: int = 32) -> dict:
+    """:func:`top_snapshot` on every host at once: ``{"ok", "hosts": {name: {…}}}``."""
+    from .connection import connect
+    from .fanout import fan_out
+
+    def one(host: Host) -> dict:
+        with connect(host) as c:
+            return top_snapshot(c)
+    hosts = list(hosts)
+    deadline = max(h.connect_timeout for h in hosts) * 3 + 60 if hosts else None
+    results = fan_out(hosts, one, max_workers=max_workers, timeout=deadline)
+    doc = {name: (o.value if o.ok else {"ok": False, "error": str(o.error)})
+           for name, o in results.items()}
+    return {"ok": all(v["ok"] for v in doc.values()), "hosts": doc}

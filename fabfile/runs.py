@@ -108,6 +108,34 @@ def setup_workdir(c, *, project: str | None = None,
 
 
 # -- runs ------------------------------------------------------------------------------
+def run_spec(c, script: Path, args: Sequence[str], *, project: str | None,
+             script_in_project: str | None, cwd: str, run_id: str | None):
+    """The runner's spec for one run, shared by attached runs and detached jobs:
+    ``(spec, layout, run_id, run_dir, project)``. A script travelling alone goes inside
+    the spec up to :data:`INLINE_LIMIT`, uploaded beyond."""
+    host: Host = c.fleet_host
+    if script_in_project is None and not script.is_file():
+        raise LocalError(f"{script}: script not found")
+    project = project or script.resolve().parent.name
+    lay = layout(host, project)
+    run_id = run_id or new_run_id()
+    run_dir = f"{lay['runs']}/{run_id}"
+    spec = {"run_id": run_id, "run_dir": run_dir, "project": project,
+            "cwd": posixpath.join(lay["project"], cwd) if cwd not in ("", ".") else lay["project"],
+            "work_dir": lay["work_dir"], "args": list(args)}
+    if script_in_project is not None:
+        spec.update(script=f"{lay['project']}/{script_in_project}", script_b64=None)
+    else:
+        data = script.read_bytes()
+        spec.update(script=None, script_name=script.name,
+                    script_b64=base64.b64encode(data).decode())
+        if len(data) > INLINE_LIMIT:
+            _upload(c, data, run_dir, script.name)
+            spec.update(script=f"{run_dir}/{script.name}", script_b64=None)
+    return spec, lay, run_id, run_dir, project
+
+
+
 @dataclass
 class RunResult:
     host: str
@@ -153,24 +181,9 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     """
     host: Host = c.fleet_host
     script = Path(script)
-    if script_in_project is None and not script.is_file():
-        raise LocalError(f"{script}: script not found")
-    project = project or script.resolve().parent.name
-    lay = layout(host, project)
-    run_id = run_id or new_run_id()
-    run_dir = f"{lay['runs']}/{run_id}"
-    spec = {"run_id": run_id, "run_dir": run_dir,
-            "cwd": posixpath.join(lay["project"], cwd) if cwd not in ("", ".") else lay["project"],
-            "work_dir": lay["work_dir"], "args": list(args)}
-    if script_in_project is not None:
-        spec.update(script=f"{lay['project']}/{script_in_project}", script_b64=None)
-    else:
-        data = script.read_bytes()
-        spec.update(script=None, script_name=script.name,
-                    script_b64=base64.b64encode(data).decode())
-        if len(data) > INLINE_LIMIT:
-            _upload(c, data, run_dir, script.name)
-            spec.update(script=f"{run_dir}/{script.name}", script_b64=None)
+    spec, lay, run_id, run_dir, project = run_spec(c, script, args, project=project,
+                                                   script_in_project=script_in_project,
+                                                   cwd=cwd, run_id=run_id)
     if timeout is not None:
         spec["timeout"] = timeout
     spec["keep_children"] = keep_children
@@ -335,7 +348,7 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
              excludes: Sequence[str] = (), max_parallel: int = 32,
              on_output: Callable[[str, str, bytes], None] | None = None,
              log_root: str | os.PathLike[str] | None = None, timeout: float | None = None,
-             keep_children: bool = False):
+             keep_children: bool = False, detach: bool = False):
     """Run ``script`` on every host at once (one run id for all); a per-host map.
 
     ``project_root`` (default: :func:`~fabfile.project.find_project` of ``cwd``) is the
@@ -350,7 +363,8 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
     ``log_root``, to ``<log_root>/<host>/runs/<run id>/{stdout,stderr}`` as it arrives, so
     it survives a host that dies mid-run. Ctrl-C stops every remote run, then raises
     :class:`~fabfile.errors.RunInterrupted`. Returns a
-    :class:`~fabfile.fanout.FanOutResult` of :class:`RunResult`.
+    :class:`~fabfile.fanout.FanOutResult` of :class:`RunResult` — or, with ``detach``,
+    of :class:`~fabfile.jobs.Job` as soon as each host's job has started.
     """
     from .connection import connect
     from .fanout import fan_out
@@ -400,6 +414,11 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
             with connect(host) as c:
                 if to_push is not None:
                     push(c, root, layout(host, name)["project"], files=to_push)
+                if detach:
+                    from .jobs import start_job
+                    return start_job(c, script, args, project=name, script_in_project=rel,
+                                     cwd=run_cwd, run_id=run_id, timeout=timeout,
+                                     keep_children=keep_children)
                 return run_script(c, script, args, project=name, script_in_project=rel,
                                   cwd=run_cwd, run_id=run_id,
                                   on_stdout=sink("stdout"), on_stderr=sink("stderr"),

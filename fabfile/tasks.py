@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from invoke import Collection, Exit, Task, task
@@ -379,10 +380,13 @@ def push(c, host=None, group=None, all=False, source=None, exclude=None,  # noqa
     "timeout": "seconds before the script's whole process group is stopped on the host "
                "(exit code 124; default: none)",
     "keep_children": "leave processes the script started running after it exits "
-                     "(default: stop them)"})
+                     "(default: stop them)",
+    "detach": "start it as a job that outlives this connection; print each host's run id "
+              "and return (see jobs, logs, kill)",
+    "json": "with --detach: print one JSON object of run ids"})
 def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A002
                no_push=False, exclude=None, max_parallel=None, timeout=None,
-               keep_children=False):
+               keep_children=False, detach=False, json_=False):
     """Run a Python script on the hosts from the synced project, output streamed live."""
     from .errors import CommandError, RunInterrupted
     from .output import PrefixedOutput
@@ -397,6 +401,9 @@ def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A0
         raise Exit(f"fabfleet: --args {args!r}: {exc}", 2) from None
     selected = _select(c, host, group, all)
     root, name = _project(c)
+    if detach:
+        return _detached(selected, script, argv, root, name, no_push, exclude, max_parallel,
+                         timeout, keep_children, json_)
     printer = PrefixedOutput(prefix=len(selected) > 1)
     try:
         results = run_many(
@@ -450,6 +457,249 @@ def run_remote(c, script, host=None, group=None, all=False, args="",  # noqa: A0
     err_console().print(f"{len(results) - failed}/{len(results)} hosts ok; local copies of the "
                         f"output: {root / 'gathered'}/<host>/runs/")
     raise Exit(code=1 if failed else 0)
+
+
+def _detached(selected, script, argv, root, name, no_push, exclude, max_parallel, timeout,
+              keep_children, as_json) -> None:
+    from .runs import run_many
+    results = run_many(selected, script, argv, project_root=root, project=name,
+                       cwd=os.getcwd(), push_project=not no_push, excludes=exclude or [],
+                       max_parallel=max_parallel, timeout=timeout,
+                       keep_children=keep_children, detach=True)
+    doc = {"ok": results.ok, "hosts": {
+        h: {"ok": o.ok, "run_id": o.value.run_id if o.ok else None,
+            "error": None if o.ok else str(o.error)} for h, o in results.items()}}
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        for h, entry in doc["hosts"].items():
+            if entry["ok"]:
+                print(f"{h}: started {entry['run_id']}")
+            else:
+                err_console().print(f"✗ {entry['error']}", markup=False)
+        run_ids = {e["run_id"] for e in doc["hosts"].values() if e["ok"]}
+        if run_ids:
+            rid = run_ids.pop()
+            print(f"follow it: fabfleet logs {rid} -H {next(iter(doc['hosts']))} --follow; "
+                  "list: fabfleet jobs -a")
+    if not doc["ok"]:
+        raise Exit(code=1)
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@fleet_task(help={**SELECT_HELP, "all_projects": "runs of every project, not only this one",
+                  "json": "print one JSON object: per host, its runs"})
+def jobs(c, host=None, group=None, all=False, all_projects=False, json_=False):  # noqa: A002
+    """List runs and detached jobs on the hosts: running, exited, killed or lost."""
+    from .jobs import list_jobs
+    selected = _select(c, host, group, all)
+    project = None if all_projects else _project(c)[1]
+    results = _per_host(selected, lambda conn: list_jobs(conn, project))
+    if json_:
+        doc = {"ok": results.ok, "hosts": {
+            h: {"ok": o.ok, "error": None if o.ok else str(o.error),
+                "runs": o.value if o.ok else []} for h, o in results.items()}}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        if not results.ok:
+            raise Exit(code=1)
+        return
+    table = Table(title=f"jobs ({'all projects' if all_projects else project})")
+    for col in ("host", "run id", "project", "status", "exit", "age", "command"):
+        table.add_column(col)
+    colors = {"running": "green", "exited": "white", "killed": "yellow", "lost": "red"}
+    for h, o in results.items():
+        for r in o.value if o.ok else []:
+            code = "-" if r["exit_code"] is None else str(r["exit_code"])
+            table.add_row(h, r["run_id"], r["project"],
+                          f"[{colors[r['status']]}]{r['status']}[/]", code, _age(r["age"]),
+                          r["command"])
+    console().print(table)
+    for h, e in results.failed.items():
+        console().print(f"✗ {e}", markup=False)
+    if results.failed:
+        raise Exit(code=1)
+
+
+def _one_host(c, host):
+    inv = _inventory(c)
+    if not host:
+        raise Exit("fabfleet: name the host with -H/--host HOST", 2)
+    selected = inv.select(host=host)
+    if len(selected) != 1:
+        raise Exit(f"fabfleet: -H {host!r} names {len(selected)} hosts; give exactly one", 2)
+    return next(iter(selected))
+
+
+@fleet_task(help={"run_id": "the run id (run-remote --detach printed it; jobs lists them)",
+                  "host": "the host the job runs on", "follow": "stream until the job ends "
+                  "and exit with its exit code (resumes after a dropped connection)",
+                  "stderr": "the job's stderr instead of its stdout"})
+def logs(c, run_id, host=None, follow=False, stderr=False):
+    """Print a job's output; with --follow, until it ends, exiting with its exit code."""
+    from .jobs import Job
+    h = _one_host(c, host)
+    out = sys.stdout.buffer
+
+    def write(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+    report = Job(h, run_id).logs(stream="stderr" if stderr else "stdout", follow=follow,
+                                 on_output=write)
+    if not follow:
+        return
+    status, code = report["status"], report["exit_code"]
+    if status == "lost":
+        raise Exit(f"fabfleet: {h.name}: job {run_id} is lost: its process is gone without an "
+                   "exit code (killed outside fabfleet, or the host rebooted)", 255)
+    if status == "killed":
+        err_console().print(f"fabfleet: {h.name}: job {run_id} was killed "
+                            f"({report.get('killed_by')})", markup=False)
+    raise Exit(code=code if code is not None else 255)
+
+
+@fleet_task(help={"run_id": "the run id of the job", "host": "the host the job runs on",
+                  "signal": "signal to send first: TERM (default), INT, HUP, KILL, QUIT, USR1, "
+                            "USR2; SIGKILL follows after a grace period",
+                  "json": "print the job's status after, as JSON"})
+def kill(c, run_id, host=None, signal="TERM", json_=False):
+    """Stop a detached job: its whole process group, SIGKILL after a grace period."""
+    from .jobs import Job, parse_signal
+    sig = parse_signal(signal)
+    h = _one_host(c, host)
+    report = Job(h, run_id).kill(sig)
+    if json_:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    elif report.get("signalled"):
+        how = " (then SIGKILL: it outlived the grace period)" if report.get("escalated") else ""
+        print(f"{h.name}: job {run_id} killed with SIG{sig}{how}; status {report['status']}, "
+              f"exit code {report['exit_code']}")
+    else:
+        print(f"{h.name}: job {run_id} is not running (status {report['status']}); nothing "
+              "was signalled")
+
+
+def _port(flag: str, value, allow_zero: bool = False) -> int:
+    port = _number(flag, value, int, 0 if allow_zero else 1)
+    if port is None or port > 65535:
+        raise Exit(f"fabfleet: {flag} {value!r}: expected a port number "
+                   f"({'0-' if allow_zero else '1-'}65535)", 2)
+    return port
+
+
+def _serve_tunnel(t, conn, message: str) -> None:
+    """Print where the tunnel listens and keep it up until Ctrl-C or SIGTERM (or the host
+    is lost)."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    print(message, flush=True)
+    try:
+        while not t.wait(1.0):
+            transport = conn.client.get_transport()
+            if transport is None or not transport.is_active():
+                t.close()
+                raise Exit(f"fabfleet: {conn.fleet_host.name}: the connection was lost; the "
+                           "tunnel is closed. Run the command again to reopen it.", 1)
+    except KeyboardInterrupt:
+        t.close()
+        err_console().print("fabfleet: tunnel closed; the port is free", markup=False)
+
+
+@fleet_task(help={"remote_port": "the port on the host (its loopback) to reach",
+                  "host": "the host", "local_port": "local port on 127.0.0.1 "
+                  "(default 0: a free one, printed)"})
+def tunnel(c, remote_port, host=None, local_port=0):
+    """Forward 127.0.0.1:LOCAL to a port on the host; prints 127.0.0.1:PORT. Ctrl-C stops."""
+    from .connection import connect
+    from .tunnel import Tunnel
+    rp = _port("REMOTE_PORT", remote_port)
+    lp = _port("--local-port", local_port, allow_zero=True)
+    h = _one_host(c, host)
+    conn = connect(h)
+    t = Tunnel(conn, rp, lp, on_event=lambda m: err_console().print(m, markup=False)).start()
+    _serve_tunnel(t, conn, f"127.0.0.1:{t.local_port}")
+    conn.close()
+
+
+@fleet_task(help={"host": "the host", "local_port": "local port on 127.0.0.1 (default: free)"})
+def jupyter(c, host=None, local_port=0):
+    """Jupyter on a host (started as a job, or the running one), tunnelled; prints the URL."""
+    from .connection import connect
+    from .jupyter import open_jupyter
+    from .project import relative_inside
+    lp = _port("--local-port", local_port, allow_zero=True)
+    h = _one_host(c, host)
+    root, name = _project(c)
+    conn = connect(h)
+    t, url, job, reused = open_jupyter(conn, name, cwd=relative_inside(os.getcwd(), root) or "",
+                                       local_port=lp,
+                                       on_event=lambda m: err_console().print(m, markup=False))
+    how = "reconnected to the running server" if reused else "started"
+    err_console().print(f"fabfleet: {h.name}: Jupyter {how} (job {job.run_id}; stop it with "
+                        f"`fabfleet kill {job.run_id} -H {h.name}`)", markup=False)
+    _serve_tunnel(t, conn, url)
+    conn.close()
+
+
+def render_top(doc: dict):
+    table = Table(title="top")
+    for col in ("host", "load", "cpus", "memory used", "disk free", "gpus (util, memory)",
+                "jobs"):
+        table.add_column(col)
+    for name, r in doc["hosts"].items():
+        if not r["ok"]:
+            table.add_row(name, "[red]unreachable[/]", "-", "-", "-", "-", "-")
+            continue
+        used = (r["mem_total"] or 0) - (r["mem_available"] or 0)
+        gpus = " ".join(f"{g['index']}:{g['utilization_pct']}% "
+                        f"{(g['memory_used_mib'] or 0) / 1024:.0f}/"
+                        f"{(g['memory_total_mib'] or 0) / 1024:.0f}G" for g in r["gpus"]) or "-"
+        table.add_row(name, f"{r['load'][0]:g}" if r.get("load") else "-", str(r.get("cpus")),
+                      f"{_size(used)} / {_size(r['mem_total'])}", _size(r.get("disk_free")),
+                      gpus, str(len(r["jobs"])))
+    return table
+
+
+@fleet_task(help={**SELECT_HELP, "once": "one snapshot, then exit",
+                  "json": "with --once: print one JSON object", "interval": "seconds between "
+                  "refreshes (default 3)"})
+def top(c, host=None, group=None, all=False, once=False, json_=False,  # noqa: A002
+        interval=None):
+    """A live table of load, memory, disk, GPUs and running jobs on the hosts."""
+    from .facts import top_hosts
+    every = _number("interval", interval) or 3.0
+    selected = _select(c, host, group, all)
+    if once or json_:
+        doc = top_hosts(selected)
+        if json_:
+            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            console().print(render_top(doc))
+        if not doc["ok"]:
+            for name, r in doc["hosts"].items():
+                if not r["ok"]:
+                    err_console().print(f"✗ {r['error']}", markup=False)
+            raise Exit(code=1)
+        return
+    from rich.live import Live
+    try:
+        with Live(render_top(top_hosts(selected)), console=console(),
+                  refresh_per_second=1) as live:
+            while True:
+                time.sleep(every)
+                live.update(render_top(top_hosts(selected)))
+    except KeyboardInterrupt:
+        return
 
 
 @fleet_task(help={
@@ -552,5 +802,5 @@ def run_pickle(c, payload, host=None, group=None, all=False, out="gathered",  # 
 
 
 ns = Collection(init, hosts, check_env, setup_workdir, push, run_remote, run_pickle, gather,
-                clean)
+                clean, jobs, logs, kill, tunnel, jupyter, top)
 ns.configure({"fabfleet": {"inventory": None, "project": None}})
