@@ -65,6 +65,10 @@ class Tunnel:
         """Stop listening (the port is free again) and close every forwarded connection."""
         self.closed.set()
         if self.listener is not None:
+            try:  # shutdown wakes the accept() blocked in our thread; close alone would
+                self.listener.shutdown(socket.SHUT_RDWR)  # leave the port listening
+            except OSError:
+                pass
             try:
                 self.listener.close()
             except OSError:
