@@ -31,8 +31,10 @@ SIGNALS = ("TERM", "INT", "HUP", "KILL", "QUIT", "USR1", "USR2")
 
 
 def _remote(c, command: str, spec: dict, *, action: str, timeout: float | None = 120,
-            on_stdout: Callable[[bytes], None] | None = None) -> tuple[dict | list, str]:
-    """Run a runner sub-command on the host; its report and its raw stdout."""
+            on_stdout: Callable[[bytes], None] | None = None,
+            project: str | None = None) -> tuple[dict | list, str]:
+    """Run a runner sub-command on the host (in ``project``'s env); its report and its
+    raw stdout."""
     host: Host = c.fleet_host
     stderr = RunnerStderr(None)
     out = bytearray()
@@ -42,7 +44,7 @@ def _remote(c, command: str, spec: dict, *, action: str, timeout: float | None =
             on_stdout(data)
         else:
             out.extend(data)
-    result = execute(c, shell.sh(shell.env_prefix(host) + f"exec {shell.q(host.python)} -c "
+    result = execute(c, shell.sh(shell.env_prefix(host, project) + f"exec {shell.q(host.python)} -c "
                                  f"{shell.q(runner_source())} {command} "
                                  f"{shell.q(json.dumps(spec))}"),
                      timeout=timeout, keep=False, on_stdout=keep, on_stderr=stderr, action=action)
@@ -179,7 +181,7 @@ def start_job(c, script: str | Path, args: Sequence[str] = (), *, project: str |
     if env_file is not None:
         spec["env_file"] = env_file
     report, _ = _remote(c, "run", spec, action=f"start {Path(script).name} as a job in "
-                        f"{lay['project']}", timeout=120)
+                        f"{lay['project']}", timeout=120, project=project)
     return Job(host, run_id, report)
 
 

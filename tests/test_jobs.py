@@ -254,3 +254,47 @@ def test_top_once_json_shows_gpus_and_jobs(fleet, proj):
         assert doc["hosts"]["ws1"]["gpus"] == [] and doc["hosts"]["down"]["ok"] is False
     finally:
         Job(fleet.inventory()["gpu1"], run_id).kill()
+
+
+def test_jupyter_for_real_reconnects_and_answers_through_the_tunnel(fleet, tmp_path):
+    """jupyter_server installed into the project's venv on a host without Internet access
+    (wheels pushed with the project), then `fabfleet jupyter` twice: started, then
+    reconnected; the token opens /api/status through the tunnel."""
+    import sys
+    proj = tmp_path / "nbproj"
+    write(proj / "pyproject.toml", "")
+    host_py = sh(fleet, "ws2", "python3 -c 'import platform; print(platform.python_version())'")
+    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+                         "--python-version", host_py.strip(), "-d", str(proj / "wheels"),
+                         "jupyter_server"], capture_output=True, text=True, timeout=300)
+    if dl.returncode != 0:
+        pytest.skip(f"cannot download jupyter_server wheels here: {dl.stderr[-300:]}")
+    write(proj / "requirements.txt",
+          f"--no-index\n--find-links /home/dev/fabfleet/{proj.name}/wheels\njupyter_server\n")
+    for args in (["push", "-H", "ws2"],
+                 ["setup-workdir", "-H", "ws2", "--requirements", "requirements.txt"]):
+        r = fleet.cli(*args, inventory=fleet.inventory_path, cwd=proj, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    env = {**os.environ, "FABFLEET_INVENTORY": str(fleet.inventory_path)}
+    job_id = None
+    try:
+        for attempt in ("started", "reconnected to the running server"):
+            proc = subprocess.Popen([str(fleet.bin / "fabfleet"), "jupyter", "-H", "ws2"],
+                                    cwd=proj, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            url = proc.stdout.readline().strip()
+            assert url.startswith("http://127.0.0.1:") and "token=" in url, proc.stderr.read()
+            status = json.loads(urllib.request.urlopen(url, timeout=30).read())
+            assert "started" in status
+            bad = url.split("token=")[0] + "token=wrong"
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(bad, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert f"Jupyter {attempt}" in err, err
+            job_id = err.split("(job ")[1].split(";")[0]
+            assert url.split("token=")[1] not in sh(fleet, "ws2", "ps -eo args")  # never in argv
+    finally:
+        if job_id:
+            Job(fleet.inventory()["ws2"], job_id).kill()
+        sh(fleet, "ws2", f"rm -rf ~/fabfleet/.venvs/{proj.name}")
