@@ -25,7 +25,7 @@ from .errors import CommandError, ConnectError, LocalError
 from .execute import execute
 from .inventory import Host
 from .project import layout
-from .runs import RunnerStderr, run_spec, runner_source
+from .runspec import RunnerStderr, run_spec, runner_source
 
 SIGNALS = ("TERM", "INT", "HUP", "KILL", "QUIT", "USR1", "USR2")
 

@@ -42,7 +42,6 @@ import signal
 import struct
 import sys
 import threading
-import time
 import traceback
 
 HEADER = struct.Struct(">cQQ")

@@ -203,7 +203,7 @@ def test_tunnel_concurrent_requests_large_download_and_refusals(fleet, proj):
                     th.join(60)
                 assert not errors and all(results[i] == f"file {i}\n".encode() for i in range(50))
                 big = urllib.request.urlopen(f"{base}/big.bin", timeout=60).read()
-                remote_sum = sh(fleet, "ws1", f"sha256sum ~/fabfleet/jobproj/www/big.bin").split()[0]
+                remote_sum = sh(fleet, "ws1", "sha256sum ~/fabfleet/jobproj/www/big.bin").split()[0]
                 assert len(big) == 40 << 20 and hashlib.sha256(big).hexdigest() == remote_sum
             # closed: the port is free again (REUSEADDR passes TIME_WAIT, never a listener)
             import socket

@@ -19,7 +19,7 @@ import payload_funcs as pf
 import pytest
 
 import fabfile
-from fabfile import (CommandError, ConnectError, DeadlineError, RemoteError, remote,
+from fabfile import (ConnectError, DeadlineError, RemoteError, remote,
                      run_payload, save_payload)
 from fabfile.execute import execute
 

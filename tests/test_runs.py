@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import fabfile
-from fabfile import CommandError, ConnectError, LocalError, connect
+from fabfile import ConnectError, LocalError, connect
 from fabfile.execute import execute
 
 
