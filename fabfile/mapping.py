@@ -11,16 +11,21 @@ items fail with the last host's error. Every Future knows its ``.host``.
 from __future__ import annotations
 
 import collections
+import pickle
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, as_completed
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
+
 from .errors import ConnectError, FanOutError, HostError, LocalError, PythonMismatchError, RemoteError
 from .inventory import Host
-from .payload import dumps_call
+from . import worker as proto
+from .payload import dumps_call, dumps_function
 from .pool import Output, call_on_host, default_output
 
 Progress = Callable[[int, int], None]  # (items done, items total)
@@ -238,12 +243,33 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
     items to the others; an item whose function raises — or whose call fails in any
     other way — is an error for that item only. With ``return_exceptions`` errors take
     the failed items' places (exactly one entry per item); otherwise :class:`MapError`
-    is raised after every item has finished. ``timeout`` bounds each item's call;
-    ``on_progress(done, total)`` is called as items finish; ``progress`` shows a bar
-    (``None``: on a terminal or in a notebook, for 20 items or more). Ctrl-C stops the
-    running calls on their hosts and re-raises.
+    is raised after every item has finished. ``on_progress(done, total)`` is called (in
+    this thread) as items finish; ``progress`` shows a bar (``None``: on a terminal or in
+    a notebook, for 20 items or more). Ctrl-C stops the running calls on their hosts and
+    re-raises.
+
+    Without ``timeout``, items travel in chunks that grow until a call takes about
+    :data:`CHUNK_SECONDS` (never more than a fair share of what is left), and the
+    function is sent once per worker: tiny items cost microseconds, not a round trip.
+    With ``timeout`` (seconds, per item) every item is its own call.
     """
     items = list(items)
+    hosts = list(hosts)
+    if timeout is not None:
+        return _map_calls(hosts, fn, items, return_exceptions=return_exceptions,
+                          on_output=on_output, timeout=timeout, on_progress=on_progress,
+                          progress=progress)
+    outcomes = _Chunked(hosts, fn, items, on_output).run(on_progress, progress)
+    if return_exceptions:
+        return [o.value if o.ok else o.error for o in outcomes]
+    if any(not o.ok for o in outcomes):
+        raise MapError(outcomes)
+    return [o.value for o in outcomes]
+
+
+def _map_calls(hosts, fn, items, *, return_exceptions, on_output, timeout, on_progress,
+               progress) -> list[Any]:
+    """One call per item, through :class:`FleetExecutor` (per-item deadlines)."""
     ex = FleetExecutor(hosts, timeout=timeout, on_output=on_output)
     bar = _progress_bar(len(items), progress)
     task = bar.add_task("map", total=len(items)) if bar else None
@@ -268,3 +294,115 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
     if any(not o.ok for o in outcomes):
         raise MapError(outcomes)
     return [o.value for o in outcomes]
+
+
+CHUNK_SECONDS = 0.05  # a chunk grows until one call takes about this long
+MAX_CHUNK = 4096
+
+
+class _Chunked:
+    """The chunked map: one thread per job slot, each taking chunks of item indices
+    from one queue, sized from that slot's own measured time per item."""
+
+    def __init__(self, hosts: list[Host], fn: Callable, items: list[Any],
+                 on_output: Output | None) -> None:
+        if not hosts:
+            raise LocalError("map over hosts: no hosts selected")
+        self.hosts, self.items = hosts, items
+        self.define = dumps_function(fn)
+        self.output = on_output or default_output(prefix=len(hosts) > 1)
+        self.queue = collections.deque(range(len(items)))
+        self.results: list[ItemOutcome | None] = [None] * len(items)
+        self.cond = threading.Condition()
+        self.in_flight = 0
+        self.done = 0
+        self.live = {h.name for h in hosts}
+        self.last_error: BaseException | None = None
+        self.cancel = threading.Event()
+        self.slots = sum(h.max_jobs for h in hosts)
+
+    def run(self, on_progress: Progress | None, progress: bool | None) -> list[ItemOutcome]:
+        threads = [threading.Thread(target=self._slot, args=(h,), daemon=True,
+                                    name=f"fabfleet-map-{h.name}-{j}")
+                   for h in self.hosts for j in range(h.max_jobs)]
+        bar = _progress_bar(len(self.items), progress)
+        task = bar.add_task("map", total=len(self.items)) if bar else None
+        reported = 0
+        try:
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(0.05)
+                    if self.done != reported:
+                        break
+                if self.done != reported:
+                    reported = self.done
+                    if bar is not None:
+                        bar.update(task, completed=reported)
+                    if on_progress is not None:
+                        on_progress(reported, len(self.items))
+        except BaseException:
+            self.cancel.set()  # stops the running calls on their hosts
+            for t in threads:
+                t.join(30)
+            raise
+        finally:
+            if bar is not None:
+                bar.stop()
+            if hasattr(self.output, "flush"):
+                self.output.flush()
+        if self.done != reported and on_progress is not None:
+            on_progress(self.done, len(self.items))
+        err = self.last_error or ConnectError("-", "no host left")
+        return [r if r is not None else ItemOutcome(i, None, error=err)
+                for i, r in enumerate(self.results)]
+
+    def _take(self, host: Host, size: int) -> list[int]:
+        with self.cond:
+            while True:
+                if host.name not in self.live or self.cancel.is_set():
+                    return []
+                if self.queue:
+                    fair = max(1, -(-len(self.queue) // self.slots))  # leave work for others
+                    n = min(size, fair, len(self.queue))
+                    self.in_flight += n
+                    return [self.queue.popleft() for _ in range(n)]
+                if self.in_flight == 0:
+                    return []
+                self.cond.wait(0.2)  # a dying host may still hand items back
+
+    def _slot(self, host: Host) -> None:
+        size = 1
+        while idx := self._take(host, size):
+            started = time.monotonic()
+            outcomes, requeue = [], False
+            try:
+                blob = cloudpickle.dumps((self.define[0], [self.items[i] for i in idx]),
+                                         protocol=pickle.HIGHEST_PROTOCOL)
+                values = call_on_host(host, blob, on_output=self.output, cancel=self.cancel,
+                                      kind=proto.CHUNK, define=self.define)
+                for i, (tag, v) in zip(idx, values):
+                    outcomes.append(ItemOutcome(i, host.name, value=v) if tag == "v" else
+                                    ItemOutcome(i, host.name, error=RemoteError(
+                                        host.name, v["type"], v["message"], v["traceback"])))
+            except (ConnectError, PythonMismatchError) as exc:
+                with self.cond:  # the host, not the items, is at fault
+                    self.live.discard(host.name)
+                    self.last_error = exc
+                    requeue = bool(self.live) and not self.cancel.is_set()
+                if not requeue:
+                    outcomes = [ItemOutcome(i, host.name, error=exc) for i in idx]
+            except Exception as exc:  # noqa: BLE001 - these items' error
+                outcomes = [ItemOutcome(i, host.name, error=exc) for i in idx]
+            per_item = (time.monotonic() - started) / len(idx)
+            size = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(per_item, 1e-7))))
+            with self.cond:
+                self.in_flight -= len(idx)
+                if requeue:
+                    self.queue.extendleft(reversed(idx))
+                else:
+                    for o in outcomes:
+                        self.results[o.index] = o
+                    self.done += len(outcomes)
+                self.cond.notify_all()

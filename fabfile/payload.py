@@ -11,6 +11,7 @@ Unpickling a value trusts the host it came from.
 from __future__ import annotations
 
 import copy
+import hashlib
 import functools
 import os
 import pickle
@@ -101,6 +102,19 @@ def dumps_call(fn: Callable, *args: Any, **kwargs: Any) -> bytes:
         raise LocalError(f"cannot pickle the call to {getattr(fn, '__qualname__', fn)!r}: "
                          f"{type(exc).__name__}: {exc}. Arguments and closures must be "
                          "picklable (no open files, sockets, locks).") from exc
+
+
+def dumps_function(fn: Callable) -> tuple[int, bytes]:
+    """``(id, pickle)`` of a function alone, for map chunks: the id (a hash of the
+    pickle) lets each worker keep it after the first chunk."""
+    fn = fn.local if isinstance(fn, RemoteFunction) else fn
+    _by_value.refresh()
+    try:
+        blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 - cloudpickle raises many kinds
+        raise LocalError(f"cannot pickle {getattr(fn, '__qualname__', fn)!r}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "big"), blob
 
 
 # -- payload files ---------------------------------------------------------------------

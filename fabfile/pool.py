@@ -101,6 +101,7 @@ class Worker:
         self.on_output: Output | None = None
         self.callback_error: BaseException | None = None
         self.next_id = 0
+        self.defined: set[int] = set()  # ids of the functions this worker keeps for chunks
         self.acked = False
         self.healthy = True  # False once its state is unknown: never reuse it then
         with host_errors(self.host.name, f"start a Python worker with {self.host.python}"):
@@ -214,15 +215,21 @@ class Worker:
 
     # -- a call ----------------------------------------------------------------------
     def call(self, blob: bytes, on_output: Output | None, *, timeout: float | None = None,
-             cancel: threading.Event | None = None) -> Any:
-        """Run one pickled call; see the module docstring for deadlines and interrupts."""
+             cancel: threading.Event | None = None, kind: bytes = proto.CALL,
+             define: tuple[int, bytes] | None = None) -> Any:
+        """Run one pickled call (or, with ``kind=CHUNK``, a map chunk whose function
+        ``define`` = ``(id, pickle)`` is sent first unless this worker has it); see the
+        module docstring for deadlines and interrupts."""
         self.on_output = on_output
         self.callback_error = None
         self.stderr_tail.clear()
         self.acked = False
         self.next_id += 1
         cid = self.next_id
-        self._send(proto.CALL, cid, blob)
+        if define is not None and define[0] not in self.defined:
+            self._send(proto.DEFINE, define[0], define[1])  # no reply: pipelined with the call
+            self.defined.add(define[0])
+        self._send(kind, cid, blob)
         deadline = time.monotonic() + timeout if timeout else None
         stopping: str | None = None   # why we interrupted: "keyboard" | "timeout" | "cancel"
         give_up = 0.0
@@ -439,7 +446,8 @@ def default_output(prefix: bool) -> Output:
 
 
 def call_on_host(host: Host, blob: bytes, *, on_output: Output | None = None,
-                 timeout: float | None = None, cancel: threading.Event | None = None) -> Any:
+                 timeout: float | None = None, cancel: threading.Event | None = None,
+                 kind: bytes = proto.CALL, define: tuple[int, bytes] | None = None) -> Any:
     """Run a pickled call (:func:`fabfile.payload.dumps_call`) on ``host``, pooled.
 
     A worker found dead, or dying before it took the call, is replaced once,
@@ -459,7 +467,8 @@ def call_on_host(host: Host, blob: bytes, *, on_output: Output | None = None,
                 except WorkerDied as exc:
                     raise worker_error(host, exc, pool) from None
                 try:
-                    value = w.call(blob, on_output, timeout=timeout, cancel=cancel)
+                    value = w.call(blob, on_output, timeout=timeout, cancel=cancel, kind=kind,
+                                   define=define)
                 except WorkerDied as exc:
                     w.close()
                     if attempt == 1 and exc.kind == "died" and not w.acked:

@@ -19,6 +19,10 @@ kind   direction  meaning
 ``N``  ← worker   needs cloudpickle (call 0): the next ``Z`` frame carries it
 ``Z``  → worker   a zip of the client's cloudpickle package (cached on the host)
 ``C``  → worker   a call: ``cloudpickle.dumps((fn, args, kwargs))``
+``D``  → worker   define a function for chunks (the call id field is its id, a hash of
+                  its pickle): sent once per worker, kept; no reply
+``M``  → worker   a map chunk: ``cloudpickle.dumps((function id, [item, …]))``; the
+                  ``V`` reply is a list of ``("v", value)`` or ``("e", error)`` per item
 ``I``  → worker   interrupt that call: KeyboardInterrupt in the function; if it is
                   still running after the grace period (the frame's data, seconds),
                   the worker kills its process group and exits
@@ -46,6 +50,7 @@ import traceback
 
 HEADER = struct.Struct(">cQQ")
 HELLO, NEED, ZIP, CALL, INTERRUPT = b"H", b"N", b"Z", b"C", b"I"
+DEFINE, CHUNK = b"D", b"M"
 ACK, STDOUT, STDERR, VALUE, ERROR = b"A", b"O", b"R", b"V", b"E"
 MAX_FRAME = 1 << 40
 
@@ -159,9 +164,9 @@ def reader(chan, state, main_ident):
         if frame is None:  # the client is gone: nothing must outlive it
             kill_group_and_exit(0)
         kind, call_id, data = frame
-        if kind == CALL:
+        if kind in (CALL, CHUNK, DEFINE):
             with state.lock:
-                state.calls.append((call_id, data))
+                state.calls.append((kind, call_id, data))
                 state.ready.notify()
         elif kind == INTERRUPT:
             grace = float(data or b"3")
@@ -182,12 +187,29 @@ def hard_stop(state, call_id):
         kill_group_and_exit(1)
 
 
-def error_frame(exc):
+def error_info(exc):
     kind = type(exc)
     name = kind.__name__ if kind.__module__ in ("builtins", "exceptions") else \
         "%s.%s" % (kind.__module__, getattr(kind, "__qualname__", kind.__name__))
-    return json.dumps({"type": name, "message": str(exc),
-                       "traceback": traceback.format_exc()}).encode()
+    return {"type": name, "message": str(exc), "traceback": traceback.format_exc()}
+
+
+def error_frame(exc):
+    return json.dumps(error_info(exc)).encode()
+
+
+def run_chunk(fn, items):
+    """``fn(item)`` for each item; per item ``("v", value)`` or ``("e", error)``. An
+    interrupt (KeyboardInterrupt) stops the whole chunk."""
+    out = []
+    for item in items:
+        try:
+            out.append(("v", fn(item)))
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this item's error, as text
+            out.append(("e", error_info(exc)))
+    return out
 
 
 def load_cloudpickle(chan, want, cache):
@@ -257,16 +279,27 @@ def main(argv):
     t.daemon = True
     t.start()
 
+    functions = {}  # id -> function, for map chunks (kept: sent once per worker)
     while True:
         with state.lock:
             while not state.calls:
                 state.ready.wait()
-            call_id, blob = state.calls.pop(0)
+            kind, call_id, blob = state.calls.pop(0)
+            if kind == DEFINE:
+                functions[call_id] = blob  # unpickled on first use, in the call's context
+                continue
             state.current = call_id
         chan.send(ACK, call_id)  # from here on the call may have effects
         out, err = Output(chan, STDOUT, call_id), Output(chan, STDERR, call_id)
         try:
-            fn, args, kwargs = pickle.loads(blob)
+            if kind == CHUNK:
+                fn_id, items = pickle.loads(blob)
+                fn = functions[fn_id]
+                if isinstance(fn, bytes):
+                    fn = functions[fn_id] = pickle.loads(fn)
+                fn, args, kwargs = run_chunk, (fn, items), {}
+            else:
+                fn, args, kwargs = pickle.loads(blob)
             blob = None
             sys.stdout, sys.stderr = out, err
             try:

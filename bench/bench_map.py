@@ -1,0 +1,47 @@
+"""map throughput: fabfleet's map over 1, 3, 4 and 16 hosts against a local
+ProcessPoolExecutor with as many workers, measured alternately in the same run.
+
+10,000 tiny items (``x + 1``): what matters is the per-item overhead. The 16-host
+inventory names the testbed's containers several times (each entry is a connection and
+a worker of its own). ProcessPoolExecutor runs with its default chunksize.
+
+    .venv/bin/python bench/bench_map.py
+"""
+
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from common import compare, ensure_testbed
+
+from fabfile import Inventory, close_workers
+
+
+def inc(x):
+    return x + 1
+
+
+ITEMS = range(10_000)
+
+if __name__ == "__main__":
+    inv = Inventory.load(ensure_testbed())
+    text = Path(inv.path).read_text()
+    extra = "".join(f"  alias{i}:\n    hostname: 127.0.0.1\n    port: {inv[name].port}\n"
+                    f"    groups: [sixteen]\n"
+                    for i, name in enumerate(["ws1", "ws2", "ws3", "gpu1"] * 3))
+    text = text.replace("hosts:\n", "hosts:\n", 1) + extra
+    big = Path(tempfile.mkdtemp()) / "inventory.yaml"
+    big.write_text(text)
+    inv = Inventory.load(big)
+    sixteen = [h.name for h in inv if "sixteen" in h.groups] + ["ws1", "ws2", "ws3", "gpu1"]
+    for label, names in (("1 host", ["ws1"]), ("3 hosts", ["ws1", "ws2", "ws3"]),
+                         ("4 hosts", ["ws1", "ws2", "ws3", "gpu1"]), ("16 hosts", sixteen)):
+        hosts = inv.select(host=",".join(names))
+        slots = sum(h.max_jobs for h in hosts)
+        assert hosts.map(inc, ITEMS) == [x + 1 for x in ITEMS]  # warm: connections, workers
+        with ProcessPoolExecutor(slots) as pool:
+            list(pool.map(inc, range(100)))
+            compare(f"map 10,000 tiny items, {label} vs ProcessPoolExecutor({slots})",
+                    lambda: hosts.map(inc, ITEMS), lambda: list(pool.map(inc, ITEMS)),
+                    rounds=5)
+        close_workers()
