@@ -47,8 +47,38 @@ def _ssh_config() -> SSHConfig:
     return SSHConfig.from_path(path) if os.path.exists(path) else SSHConfig()
 
 
+_parsed: dict[str, tuple[int, int, paramiko.HostKeys]] = {}
+
+
+def known_host_keys(path: str, host_name: str = "-") -> paramiko.HostKeys:
+    """The parsed known_hosts file ``path``, read once per process and again only when
+    it changes (size or mtime): a fan-out over many hosts parses it once, not per host.
+    A broken line is a :class:`HostKeyError` naming the file and the line."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return paramiko.HostKeys()
+    with _known_hosts_lock:
+        cached = _parsed.get(path)
+        if cached and cached[:2] == (st.st_mtime_ns, st.st_size):
+            return cached[2]
+    keys = paramiko.HostKeys()
+    try:
+        keys.load(path)
+    except Exception as exc:  # noqa: BLE001 - paramiko raises several unrelated kinds
+        raise HostKeyError(host_name, f"cannot read known_hosts file {path}"
+                           f"{bad_known_hosts_line(path)}: {type(exc).__name__}: {exc}. "
+                           "Fix or remove that line (`ssh-keygen -R HOST -f FILE` removes a "
+                           "host's lines).") from exc
+    with _known_hosts_lock:
+        _parsed[path] = (st.st_mtime_ns, st.st_size, keys)
+    return keys
+
+
 class HostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """What to do with a key that no known_hosts file lists, per the host's policy."""
+    """Host-key verification against our known_hosts files (paramiko is given none, so
+    it asks us about every key): a listed key passes, a different key for a listed host
+    is refused as changed, an unlisted one per the host's policy."""
 
     def __init__(self, host: Host, files: list[str], record_to: str) -> None:
         self.host = host
@@ -56,6 +86,13 @@ class HostKeyPolicy(paramiko.MissingHostKeyPolicy):
         self.record_to = record_to
 
     def missing_host_key(self, client, hostname, key) -> None:  # noqa: D102 - paramiko API
+        for f in self.files:
+            known = known_host_keys(f, self.host.name).lookup(hostname)
+            expected = known.get(key.get_name()) if known else None
+            if expected is not None:
+                if expected.asbytes() == key.asbytes():
+                    return
+                raise paramiko.BadHostKeyException(hostname, key, expected)
         fingerprint = f"{key.get_name()} SHA256:{key_fingerprint(key)}"
         if self.host.host_key_policy == "accept-new":
             record_host_key(self.record_to, hostname, key)
@@ -233,14 +270,7 @@ def connect(host: Host) -> FleetConnection:
 
     files = known_hosts_files(host, conn.ssh_config)
     for f in files:
-        if os.path.exists(f):
-            try:
-                conn.client.load_system_host_keys(f)
-            except Exception as exc:  # noqa: BLE001 - paramiko raises several unrelated kinds
-                raise HostKeyError(host.name, f"cannot read known_hosts file {f}"
-                                   f"{bad_known_hosts_line(f)}: {type(exc).__name__}: {exc}. "
-                                   "Fix or remove that line (`ssh-keygen -R HOST -f FILE` "
-                                   "removes a host's lines).") from exc
+        known_host_keys(f, host.name)  # a broken file is an error now, naming file and line
     record_to = host.known_hosts or files[0]
     conn.client.set_missing_host_key_policy(HostKeyPolicy(host, files, record_to))
     conn.known_hosts_files = files
