@@ -75,5 +75,6 @@ def compare(name: str, ours: Callable[[], None], baseline: Callable[[], None],
                 acc.append(time.perf_counter() - t)
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"{name:<46} fabfleet {ma * 1000:8.1f} ms   baseline {mb * 1000:8.1f} ms   "
-          f"ratio {ma / mb:5.2f}x")
+          f"ratio {ma / mb:5.2f}x   [fabfleet {min(a) * 1000:.1f}-{max(a) * 1000:.1f}, "
+          f"baseline {min(b) * 1000:.1f}-{max(b) * 1000:.1f} ms]", flush=True)
     return ma / mb
