@@ -34,6 +34,20 @@ class Inventory(HostSet):
         """Each item's outcome as it completes; see :func:`fabfile.mapping.imap_unordered`."""
         return imap_unordered(self, fn, items, **kwargs)
 
+    def dask(self, **options: Any):
+        """``with inv.select(group="gpu").dask() as client:`` — a ``distributed.Client``
+        on a Dask scheduler and workers started on these hosts for the current project;
+        leaving the block stops them. The project is pushed first so its modules import
+        there. Options: ``scheduler_host``, ``idle_timeout``, ``death_timeout``,
+        ``start_timeout``, ``push``; see :mod:`fabfile.daskfleet`."""
+        import os
+
+        from .daskfleet import dask_cluster
+        from .project import find_project, is_unmarked_home, project_name
+        root = find_project(os.getcwd())
+        options.setdefault("project_root", None if is_unmarked_home(root) else root)
+        return dask_cluster(self, project=project_name(root), **options)
+
     def executor(self, **options: Any) -> FleetExecutor:
         """A ``concurrent.futures.Executor`` over these hosts (``timeout=``,
         ``on_output=``); see :class:`fabfile.mapping.FleetExecutor`."""

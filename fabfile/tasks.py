@@ -702,6 +702,49 @@ def top(c, host=None, group=None, all=False, once=False, json_=False,  # noqa: A
         return
 
 
+@fleet_task(help={**SELECT_HELP, "scheduler_host": "host for the scheduler (default: the "
+                  "first selected)", "idle_timeout": "the scheduler stops after this long "
+                  "without clients or tasks (default 1h)"})
+def dask_up(c, host=None, group=None, all=False, scheduler_host=None,  # noqa: A002
+            idle_timeout="1h"):
+    """Start a Dask scheduler and workers (max_jobs per host) on the hosts, as jobs."""
+    from .daskfleet import DaskCluster
+    selected = _select(c, host, group, all)
+    root, name = _project(c)
+    from .project import is_unmarked_home
+    cluster = DaskCluster(list(selected), project=name,
+                          project_root=None if is_unmarked_home(root) else root,
+                          scheduler_host=scheduler_host, idle_timeout=idle_timeout)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    port = cluster.address.rsplit(":", 1)[1]
+    print(f"scheduler: {cluster.address} on {cluster.scheduler_name} "
+          f"({cluster.n_workers} workers on {len(cluster.hosts)} hosts)")
+    print(f"reach it from here: fabfleet tunnel -H {cluster.scheduler_name} {port}  "
+          "→ Client('tcp://127.0.0.1:PORT')")
+    if cluster.dashboard_port:
+        print(f"dashboard: fabfleet tunnel -H {cluster.scheduler_name} "
+              f"{cluster.dashboard_port}  → http://127.0.0.1:PORT/status")
+    print("jobs: " + ", ".join(f"{j.host.name} {j.run_id}" for j in cluster.jobs))
+    print("stop it: fabfleet dask-down -H " + ",".join(h.name for h in cluster.hosts))
+    for conn in cluster.conns.values():
+        conn.close()
+
+
+@fleet_task(help=SELECT_HELP)
+def dask_down(c, host=None, group=None, all=False):  # noqa: A002
+    """Stop this project's Dask scheduler and workers on the hosts."""
+    from .daskfleet import stop_project_clusters
+    selected = _select(c, host, group, all)
+    project = _project(c)[1]
+    results = _per_host(selected, lambda conn: stop_project_clusters(conn, project))
+    _report(results, f"dask-down ({project})", ["jobs stopped"],
+            lambda ids: [", ".join(ids) or "-"])
+
+
 @fleet_task(help={
     **SELECT_HELP, "patterns": "globs relative to the remote project dir, space-separated "
                                "('results/*.csv **/*.log')",
@@ -802,5 +845,5 @@ def run_pickle(c, payload, host=None, group=None, all=False, out="gathered",  # 
 
 
 ns = Collection(init, hosts, check_env, setup_workdir, push, run_remote, run_pickle, gather,
-                clean, jobs, logs, kill, tunnel, jupyter, top)
+                clean, jobs, logs, kill, tunnel, jupyter, top, dask_up, dask_down)
 ns.configure({"fabfleet": {"inventory": None, "project": None}})

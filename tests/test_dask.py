@@ -1,0 +1,146 @@
+"""Dask on the inventory's hosts (real scheduler, real workers), with dask/distributed
+installed in the project's venv on the hosts at the local version — from wheels pushed
+with the project, as on hosts without Internet access."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from fabfile.execute import execute  # noqa: E402
+
+HOSTS = "ws1,ws2,ws3"
+
+
+def sh(fleet, name: str, command: str) -> str:
+    with fleet.inventory().connect(name) as c:
+        return execute(c, command).stdout
+
+
+def dask_processes(fleet, name: str) -> int:
+    out = sh(fleet, name, "pgrep -f '[d]istributed.cli' -u dev | wc -l")
+    return int(out.strip())
+
+
+@pytest.fixture(scope="module")
+def daskproj(fleet, tmp_path_factory) -> Path:
+    from importlib import metadata
+    proj = tmp_path_factory.mktemp("dask") / "daskproj"
+    proj.mkdir()
+    (proj / "pyproject.toml").write_text("")
+    (proj / "daskfuncs.py").write_text(
+        "def inc(x):\n    return x + 1\n\n\n"
+        "def slow_square(x):\n    import time\n    time.sleep(0.2)\n    return x * x\n")
+    host_py = sh(fleet, "ws1", "python3 -c 'import platform; print(platform.python_version())'")
+    pins = [f"{p}=={metadata.version(p)}" for p in ("dask", "distributed", "cloudpickle",
+                                                    "msgpack")]
+    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+                         "--python-version", host_py.strip(), "-d", str(proj / "wheels"), *pins],
+                        capture_output=True, text=True, timeout=600)
+    if dl.returncode != 0:
+        pytest.skip(f"cannot download the Dask wheels here: {dl.stderr[-300:]}")
+    (proj / "requirements.txt").write_text(
+        f"--no-index\n--find-links /home/dev/fabfleet/{proj.name}/wheels\n" + "\n".join(pins))
+    for args in (["push", "-H", HOSTS],
+                 ["setup-workdir", "-H", HOSTS, "--requirements", "requirements.txt"]):
+        r = fleet.cli(*args, inventory=fleet.inventory_path, cwd=proj, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+    yield proj
+    for name in HOSTS.split(","):
+        sh(fleet, name, f"rm -rf ~/fabfleet/.venvs/{proj.name}")
+
+
+def project_funcs(monkeypatch, daskproj):
+    """The project's own module, imported here as the user's code would be."""
+    monkeypatch.chdir(daskproj)
+    monkeypatch.syspath_prepend(str(daskproj))
+    import daskfuncs
+    return daskfuncs
+
+
+def test_client_on_three_hosts_then_nothing_left(fleet, daskproj, monkeypatch):
+    f = project_funcs(monkeypatch, daskproj)
+    hosts = fleet.inventory().select(host=HOSTS)
+    with hosts.dask() as client:
+        workers = client.scheduler_info()["workers"].values()
+        assert len(workers) == sum(h.max_jobs for h in hosts) == 3
+        assert client.gather(client.map(f.inc, range(200))) == [x + 1 for x in range(200)]
+        assert client.submit(f.inc, 41).result() == 42
+        assert client.submit(lambda x: x * 3, 5).result() == 15  # by value
+        where = set(client.run(lambda: open("/etc/fabfleet-host").read().strip()).values())
+        assert where == {"ws1", "ws2", "ws3"}
+        url = client.fabfleet_cluster.dashboard()
+        import urllib.request
+        assert urllib.request.urlopen(url, timeout=30).status == 200
+    for name in HOSTS.split(","):
+        assert dask_processes(fleet, name) == 0
+
+
+def test_a_killed_worker_host_mid_map(fleet, daskproj, monkeypatch):
+    f = project_funcs(monkeypatch, daskproj)
+    import testbed
+    hosts = fleet.inventory().select(host=HOSTS)
+    try:
+        with hosts.dask(death_timeout="20s") as client:
+            futures = client.map(f.slow_square, range(60))
+            done = threading.Event()
+
+            def kill_when_started():
+                deadline = time.monotonic() + 30
+                while sum(f.done() for f in futures) < 5 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                subprocess.run(["docker", "kill", fleet.container("ws3")], capture_output=True)
+                done.set()
+            threading.Thread(target=kill_when_started, daemon=True).start()
+            assert client.gather(futures) == [x * x for x in range(60)]
+            assert done.is_set()
+    finally:
+        subprocess.run(["docker", "start", fleet.container("ws3")], capture_output=True)
+        deadline = time.monotonic() + 60
+        while not testbed.ssh_ready(fleet.port("ws3")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    for name in ("ws1", "ws2"):
+        assert dask_processes(fleet, name) == 0
+
+
+def test_a_mismatch_is_refused_before_anything_starts(fleet, daskproj, tmp_path, monkeypatch):
+    other = tmp_path / "otherproj"  # no venv there: the hosts' system Python has no Dask
+    other.mkdir()
+    (other / "pyproject.toml").write_text("")
+    monkeypatch.chdir(other)
+    from fabfile import FanOutError
+    with pytest.raises(FanOutError) as info:
+        with fleet.inventory().select(host="ws1,ws2").dask():
+            pass
+    assert "ws1: cannot join a Dask cluster" in str(info.value)
+    assert "dask is not installed there" in str(info.value) and "setup-workdir" in str(info.value)
+    r = fleet.cli("jobs", "-H", "ws1", "--json", inventory=fleet.inventory_path, cwd=other)
+    assert json.loads(r.stdout)["hosts"]["ws1"]["runs"] == []  # nothing was started
+
+
+def test_the_core_install_says_how_to_get_dask(fleet, daskproj):
+    r = fleet.cli("dask-up", "-H", "ws1", inventory=fleet.inventory_path, cwd=daskproj)
+    assert r.returncode == 2 and "pip install 'fabfleet[dask]'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_dask_up_and_down(fleet, daskproj):
+    from conftest import user_cli
+    with_dask = Path(sys.executable).parent  # this environment has the dask extra
+    r = user_cli(with_dask, "dask-up", "-H", "ws1,ws2", inventory=fleet.inventory_path,
+                 cwd=daskproj, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "scheduler: tcp://127.0.0.1:" in r.stdout and "(2 workers on 2 hosts)" in r.stdout
+    assert dask_processes(fleet, "ws1") >= 2  # scheduler + worker(s)
+    r = user_cli(with_dask, "dask-down", "-H", "ws1,ws2", inventory=fleet.inventory_path,
+                 cwd=daskproj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert dask_processes(fleet, "ws1") == 0 and dask_processes(fleet, "ws2") == 0
