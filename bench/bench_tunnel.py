@@ -40,6 +40,17 @@ def fetch(url: str) -> int:
         return len(r.read())
 
 
+def wait_for(url: str, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fetch(url)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{what} did not come up"
+            time.sleep(0.3)
+
+
 if __name__ == "__main__":
     inv = Inventory.load(ensure_testbed())
     port = 8600 + os.getpid() % 300
@@ -49,14 +60,7 @@ if __name__ == "__main__":
         job = start_job(c, d / "serve.py", [str(port)], project="bench-tunnel")
         try:
             direct = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    fetch(f"{direct}/small.txt")
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "the server did not start"
-                    time.sleep(0.3)
+            wait_for(f"{direct}/small.txt", "the server")
             with Tunnel(c, port) as t:
                 tunneled = f"http://127.0.0.1:{t.local_port}"
                 compare("download 100 MB (tunnel vs direct)",
@@ -73,14 +77,7 @@ if __name__ == "__main__":
                     "-N", "-L", f"127.0.0.1:{lport}:127.0.0.1:{port}", "dev@127.0.0.1"])
                 try:
                     openssh = f"http://127.0.0.1:{lport}"
-                    deadline = time.monotonic() + 20
-                    while True:
-                        try:
-                            fetch(f"{openssh}/small.txt")
-                            break
-                        except OSError:
-                            assert time.monotonic() < deadline, "ssh -L did not come up"
-                            time.sleep(0.2)
+                    wait_for(f"{openssh}/small.txt", "ssh -L")
                     compare("download 100 MB (tunnel vs ssh -L)",
                             lambda: fetch(f"{tunneled}/big.bin"),
                             lambda: fetch(f"{openssh}/big.bin"), rounds=5)

@@ -119,6 +119,20 @@ def _isolated_ssh(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
 
 
+@pytest.fixture
+def fresh_workers():
+    """Close every payload worker and connection after the test (fresh pools next)."""
+    yield
+    import fabfile
+    fabfile.close_workers()
+
+
+@pytest.fixture
+def inv(fleet):
+    """The testbed's inventory, loaded."""
+    return fleet.inventory()
+
+
 def user_cli(bin_dir: Path, *args: str, inventory: Path | None = None,
              cwd: Path | None = None, timeout: float = 120, env: dict | None = None,
              program: str = "fabfleet") -> subprocess.CompletedProcess:
@@ -130,3 +144,18 @@ def user_cli(bin_dir: Path, *args: str, inventory: Path | None = None,
         full_env["FABFLEET_INVENTORY"] = str(inventory)
     return subprocess.run([str(bin_dir / program), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or full_env["HOME"])
+
+
+def write(path: Path, text: str) -> Path:
+    """Write dedented ``text`` to ``path`` (parents made); the path."""
+    import textwrap
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def sh(fleet, name: str, command: str) -> str:
+    """``command``'s stdout on testbed host ``name`` (a fresh verified connection)."""
+    from fabfile.execute import execute
+    with fleet.inventory().connect(name) as c:
+        return execute(c, command).stdout

@@ -12,17 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sh
 
 distributed = pytest.importorskip("distributed")
 
-from fabfile.execute import execute  # noqa: E402
 
 HOSTS = "ws1,ws2,ws3"
-
-
-def sh(fleet, name: str, command: str) -> str:
-    with fleet.inventory().connect(name) as c:
-        return execute(c, command).stdout
 
 
 def dask_processes(fleet, name: str) -> int:

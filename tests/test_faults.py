@@ -11,26 +11,15 @@ import subprocess
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from conftest import sh, write
 
 from fabfile import ConnectError, HostError, TransferError, connect, gather, push
 from fabfile.connection import KEEPALIVE_INTERVAL
 from fabfile.execute import execute
 
 FROZEN_BOUND = KEEPALIVE_INTERVAL + 5 + 15  # interval + connect_timeout + rsync/poll slack
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def sh(fleet, name: str, command: str) -> str:
-    with fleet.inventory().connect(name) as c:
-        return execute(c, command).stdout
 
 
 @contextlib.contextmanager

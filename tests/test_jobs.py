@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import textwrap
 import threading
 import time
 import urllib.error
@@ -16,21 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import sh, write
 
-from fabfile.execute import execute
 from fabfile.jobs import Job, list_jobs
 from fabfile.tunnel import Tunnel
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def sh(fleet, name: str, command: str) -> str:
-    with fleet.inventory().connect(name) as c:
-        return execute(c, command).stdout
 
 
 @pytest.fixture

@@ -19,15 +19,7 @@ from fabfile import (CommandError, ConnectError, MapError, PythonMismatchError, 
 from fabfile.execute import execute
 
 
-@pytest.fixture(autouse=True)
-def _fresh_workers():
-    yield
-    fabfile.close_workers()
-
-
-@pytest.fixture
-def inv(fleet):
-    return fleet.inventory()
+pytestmark = pytest.mark.usefixtures("fresh_workers")
 
 
 def test_clustrix_examples_match_local_results(inv):

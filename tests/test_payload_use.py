@@ -26,15 +26,7 @@ from fabfile.execute import execute
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _fresh_workers():
-    yield
-    fabfile.close_workers()
-
-
-@pytest.fixture
-def inv(fleet):
-    return fleet.inventory()
+pytestmark = pytest.mark.usefixtures("fresh_workers")
 
 
 def remote_sh(inv, name: str, command: str) -> str:

@@ -7,28 +7,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from conftest import sh, write
 
-from fabfile.execute import execute
 from fabfile.tasks import SHORT_FLAGS, ns
 
 TASKS = ["init", "hosts", "check-env", "setup-workdir", "push", "run-remote", "run-pickle",
          "gather", "clean"]
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def remote(fleet, name: str, command: str) -> str:
-    with fleet.inventory().connect(name) as c:
-        return execute(c, command).stdout
 
 
 @pytest.fixture
@@ -133,7 +121,7 @@ def test_run_remote_from_a_subdirectory(fleet, myproj):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == f"exp 50 /home/dev/fabfleet/{myproj.name}/experiments"
     # the project (not just the subdirectory) was pushed, under the project's name
-    pushed = remote(fleet, "ws1", f"ls ~/fabfleet/{myproj.name}").split()
+    pushed = sh(fleet, "ws1", f"ls ~/fabfleet/{myproj.name}").split()
     assert [f for f in pushed if f != "__pycache__"] == [
         "data.txt", "experiments", "helper.py", "train.py"]
 
@@ -159,7 +147,7 @@ def test_script_outside_the_project_travels_alone(fleet, myproj, tmp_path):
                   cwd=myproj)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip() == f"lone /home/dev/fabfleet/{myproj.name}"
-    assert "elsewhere" not in remote(fleet, "ws1", f"ls -R ~/fabfleet/{myproj.name}")
+    assert "elsewhere" not in sh(fleet, "ws1", f"ls -R ~/fabfleet/{myproj.name}")
 
 
 def test_missing_module_hints_at_the_push(fleet, myproj):
@@ -240,15 +228,15 @@ def test_clean_in_one_project_leaves_another(fleet, tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         projects.append(p)
     count = "ls ~/fabfleet/.runs/{} | wc -l"
-    assert remote(fleet, "ws3", count.format("beta")).strip() == "1"
+    assert sh(fleet, "ws3", count.format("beta")).strip() == "1"
     r = fleet.cli("clean", "-H", "ws3", inventory=fleet.inventory_path, cwd=projects[0])
     assert r.returncode == 0, r.stdout + r.stderr
-    left = remote(fleet, "ws3", "ls ~/fabfleet/.runs").split()
+    left = sh(fleet, "ws3", "ls ~/fabfleet/.runs").split()
     assert "beta" in left and "alpha" not in left
-    assert remote(fleet, "ws3", count.format("beta")).strip() == "1"
+    assert sh(fleet, "ws3", count.format("beta")).strip() == "1"
     r = fleet.cli("clean", "-H", "ws3", "--all-projects", inventory=fleet.inventory_path,
                   cwd=projects[0])
-    assert r.returncode == 0 and remote(fleet, "ws3", "ls ~/fabfleet/.runs 2>&1 || true") \
+    assert r.returncode == 0 and sh(fleet, "ws3", "ls ~/fabfleet/.runs 2>&1 || true") \
         .startswith("ls: cannot access")
 
 
@@ -269,7 +257,7 @@ def test_venv_per_project(fleet, tmp_path):
                       cwd=b)
         assert r.stdout.strip() == "/usr", r.stderr
     finally:
-        remote(fleet, "gpu1", "rm -rf ~/fabfleet/.venvs/withvenv")
+        sh(fleet, "gpu1", "rm -rf ~/fabfleet/.venvs/withvenv")
 
 
 def test_unmarked_cluttered_directory_is_not_pushed_by_surprise(fleet, tmp_path):
@@ -280,7 +268,7 @@ def test_unmarked_cluttered_directory_is_not_pushed_by_surprise(fleet, tmp_path)
     write(d / "job.py", "print('ran')\n")
     r = fleet.cli("run-remote", "-H", "ws1", "job.py", inventory=fleet.inventory_path, cwd=d)
     assert r.returncode == 2 and "2002 files" in r.stderr and "pyproject.toml" in r.stderr
-    assert remote(fleet, "ws1", "ls ~/fabfleet").split().count("downloads") == 0
+    assert sh(fleet, "ws1", "ls ~/fabfleet").split().count("downloads") == 0
     # the home directory (no marker) is never a project: run from there (fleet.cli's
     # default cwd is $HOME), a script travels alone and nothing else is sent
     r = fleet.cli("run-remote", "-H", "ws1", str(d / "job.py"), inventory=fleet.inventory_path)
