@@ -465,6 +465,8 @@ def call_on_host(host: Host, blob: bytes, *, on_output: Output | None = None,
                 try:
                     w = pool.take()
                 except WorkerDied as exc:
+                    if attempt == 1 and exc.kind == "died":
+                        continue  # a worker that died while starting: one more try
                     raise worker_error(host, exc, pool) from None
                 try:
                     value = w.call(blob, on_output, timeout=timeout, cancel=cancel, kind=kind,

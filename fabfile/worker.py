@@ -232,8 +232,11 @@ def load_cloudpickle(chan, want, cache):
     import tempfile
     import zipfile
     parent = os.path.dirname(cache)
-    if not os.path.isdir(parent):
+    try:  # several workers of one host may start at once: never fail on a race
         os.makedirs(parent, mode=0o700)
+    except OSError:
+        if not os.path.isdir(parent):
+            raise
     tmp = tempfile.mkdtemp(dir=parent)
     zipfile.ZipFile(io.BytesIO(frame[2])).extractall(tmp)
     try:

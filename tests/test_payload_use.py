@@ -300,3 +300,13 @@ def test_forked_child_cannot_answer_for_later_calls(inv):
     host = inv["ws2"]
     assert [run_payload(host, fork_then_return, i) for i in range(5)] == list(range(5))
     assert run_payload(host, str, "x") == "x"
+
+
+def test_workers_starting_together_on_a_fresh_host(inv):
+    """Both job slots of gpu1 start a worker at once on a host without our cloudpickle
+    cache: both unpack it (one wins the race), neither fails."""
+    for _ in range(3):
+        fabfile.close_workers()
+        remote_sh(inv, "gpu1", "rm -rf ~/.cache/fabfleet")
+        assert inv.select(host="gpu1").map(pf.fibonacci, range(8)) == \
+            [pf.fibonacci(i) for i in range(8)]
