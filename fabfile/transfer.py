@@ -19,6 +19,7 @@ import posixpath
 import shutil
 import stat
 import subprocess
+import tarfile
 import threading
 import secrets
 import time
@@ -193,13 +194,13 @@ class PushResult:
     seconds: float = 0.0
 
 
-def _remote_state(c, remote_dir: str) -> tuple[bool, dict[str, tuple]]:
-    """One round trip: create ``remote_dir``, say whether the host has rsync, and list
-    what is already there (see :func:`remote_manifest`)."""
+def _remote_state(c, remote_dir: str) -> tuple[set[str], dict[str, tuple]]:
+    """One round trip: create ``remote_dir``, say which of rsync and tar the host has,
+    and list what is already there (see :func:`remote_manifest`)."""
     d = shell.path(remote_dir)
     cmd = shell.sh(f"mkdir -p -- {d} && cd -- {d} || exit 1; "
-                   "if command -v rsync >/dev/null 2>&1; then echo rsync; else echo none; fi; "
-                   f"{FIND_LISTING} || exit 3")
+                   "for t in rsync tar; do command -v $t >/dev/null 2>&1 && printf '%s ' $t; "
+                   f"done; echo; {FIND_LISTING} || exit 3")
     result = execute(c, cmd, timeout=300, action=f"list files in {remote_dir}")
     if result.exit_code == 1:
         full = "No space left" in result.stderr
@@ -208,9 +209,10 @@ def _remote_state(c, remote_dir: str) -> tuple[bool, dict[str, tuple]]:
                             + ("The host's disk is full." if full else "Check that `work_dir` "
                                "in the inventory is writable for the user."))
     first, _, listing = result.stdout_bytes.partition(b"\n")
+    tools = set(first.decode(errors="replace").split())
     if result.exit_code != 0:
-        return first.strip() == b"rsync", _sftp_manifest(c, remote_dir)
-    return first.strip() == b"rsync", parse_find_listing(listing)
+        return tools, _sftp_manifest(c, remote_dir)
+    return tools, parse_find_listing(listing)
 
 
 def parse_find_listing(data: bytes) -> dict[str, tuple]:
@@ -283,8 +285,8 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
         raise LocalError(f"push method {method!r}: expected auto, rsync or sftp")
     started = time.monotonic()
     files = list(files) if files is not None else local_files(local_dir, excludes)
-    remote_rsync, manifest = _remote_state(c, remote_dir)
-    use_rsync = method == "rsync" or (method == "auto" and remote_rsync
+    tools, manifest = _remote_state(c, remote_dir)
+    use_rsync = method == "rsync" or (method == "auto" and "rsync" in tools
                                       and shutil.which("rsync") is not None)
     changed = [f for f in files if manifest.get(f.rel) != f.state()]
     if not changed:
@@ -292,6 +294,8 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
                             len(files), remote_dir)
     elif use_rsync:
         result = _push_rsync(c, Path(local_dir), remote_dir, changed, on_progress)
+    elif "tar" in tools:
+        result = _push_tar(c, Path(local_dir), remote_dir, changed, on_progress)
     else:
         result = _push_sftp(c, Path(local_dir), remote_dir, changed, on_progress)
     result.files_total = len(files)
@@ -363,6 +367,84 @@ def _parse_rsync_stats(text: str) -> dict[str, int]:
         elif key.strip() == "Total bytes sent":
             out["bytes"] = int(number)
     return out
+
+
+def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
+              on_progress: Progress | None) -> PushResult:
+    """Send ``files`` as one tar stream over the SSH connection (hosts without rsync):
+    each lands under a temporary name unique to this transfer, and only when the whole
+    stream has arrived are they renamed into place (``mv -T``: one rename each) — as
+    atomic per file as the SFTP path, without a round trip per file."""
+    host = c.fleet_host.name
+    tag = f".fabfleet-tmp.{os.getpid()}-{secrets.token_hex(4)}."
+    total = sum(f.size for f in files if f.link is None)
+    d = shell.path(remote_dir)
+    extract = shell.sh(f"umask 077 && mkdir -p -- {d} && cd -- {d} && tar -x -p -f -")
+    sent = [0]
+
+    def progress(n: int) -> None:
+        sent[0] += n
+        if on_progress:
+            on_progress(min(sent[0], total), total)
+    with watched(c, f"push to {remote_dir}"), host_errors(host, f"push to {remote_dir}"):
+        chan = c.client.get_transport().open_session(timeout=c.fleet_host.connect_timeout)
+        chan.exec_command(extract)
+        sink = _ChannelWriter(chan, progress)
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for f in files:
+                parent, _, name = f.rel.rpartition("/")
+                info = tarfile.TarInfo(f"{parent}/{tag}{name}" if parent else tag + name)
+                info.mtime = f.mtime
+                if f.link is not None:
+                    info.type, info.linkname, info.mode = tarfile.SYMTYPE, f.link, 0o777
+                    tar.addfile(info)
+                    continue
+                info.size, info.mode = f.size, f.mode & 0o700
+                with _open_local(local / f.rel) as src:
+                    tar.addfile(info, src)
+        chan.shutdown_write()
+        err = bytearray()
+        while not chan.exit_status_ready() or chan.recv_stderr_ready() or chan.recv_ready():
+            if chan.recv_stderr_ready():
+                err.extend(chan.recv_stderr(65536))
+            elif chan.recv_ready():
+                chan.recv(65536)
+            else:
+                chan.status_event.wait(0.2)
+        code = chan.recv_exit_status()
+        chan.close()
+    # Renamed into place only now; a failed stream leaves only temporary names (removed).
+    cleanup = (f"cd -- {d} && find . -name {shell.q(tag + '*')} -exec sh -c "
+               + shell.q(f'for f do b=${{f##*/}}; mv -fT -- "$f" "${{f%/*}}/${{b#{tag}}}"; done'
+                         if code == 0 else 'rm -f -- "$@"') + " sh {} +")
+    done = execute(c, shell.sh(cleanup), timeout=300, action="put pushed files in place")
+    if code != 0 or done.exit_code != 0:
+        message = (err.decode("utf-8", "replace") or done.stderr).strip()[-800:]
+        full = "No space left" in message
+        raise TransferError(host, f"unpacking the push in {remote_dir} failed (exit {code}): "
+                            f"{message}. " + ("The host's disk is full; nothing was put in "
+                                             "place." if full else "Nothing was put in place."))
+    if on_progress:
+        on_progress(total, total)
+    return PushResult(host, "sftp", len(files), total, len(files), remote_dir)
+
+
+class _ChannelWriter:
+    """A file-like sink over an SSH channel for tarfile's stream mode."""
+
+    def __init__(self, chan, on_sent: Callable[[int], None]) -> None:
+        self.chan = chan
+        self.on_sent = on_sent
+
+    def write(self, data: bytes) -> int:
+        view, off = memoryview(data), 0
+        while off < len(view):
+            n = self.chan.send(view[off:off + (1 << 20)])
+            if n == 0:
+                raise EOFError("the host closed the push stream")
+            off += n
+        self.on_sent(len(data))
+        return len(data)
 
 
 def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
