@@ -41,6 +41,7 @@ import cloudpickle
 
 from . import shell, worker as proto
 from .connection import KEEPALIVE_INTERVAL, connect, frozen_message, probe
+from .execute import send_all
 from .errors import (CommandError, ConnectError, DeadlineError, HostError, LocalError,
                      PythonMismatchError, RemoteError, TransferError, host_errors)
 from .inventory import Host
@@ -139,12 +140,7 @@ class Worker:
                 self.chan.sendall(head + data)
                 return
             self.chan.sendall(head)
-            view, off = memoryview(data), 0
-            while off < len(view):
-                sent = self.chan.send(view[off:off + (1 << 20)])
-                if sent == 0:
-                    raise EOFError("the worker's channel closed while sending")
-                off += sent
+            send_all(self.chan, data)
 
     def _emit(self, stream: str, data: bytes) -> None:
         if self.on_output is None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from . import shell
 from .errors import LocalError, TransferError, host_errors
 from .connection import KEEPALIVE_INTERVAL, watched
-from .execute import execute
+from .execute import execute, send_all
 
 # /gathered/ is where gather and run-remote put what comes back: never send it out again.
 ALWAYS_EXCLUDED = (".git/", "__pycache__/", "*.pyc", ".fabfleet-tmp*", "/gathered/", "/.venv/")
@@ -437,12 +437,7 @@ class _ChannelWriter:
         self.on_sent = on_sent
 
     def write(self, data: bytes) -> int:
-        view, off = memoryview(data), 0
-        while off < len(view):
-            n = self.chan.send(view[off:off + (1 << 20)])
-            if n == 0:
-                raise EOFError("the host closed the push stream")
-            off += n
+        send_all(self.chan, data)
         self.on_sent(len(data))
         return len(data)
 
