@@ -49,12 +49,8 @@ def _remote(c, command: str, spec: dict, *, action: str, timeout: float | None =
                                  f"{shell.q(json.dumps(spec))}"),
                      timeout=timeout, keep=False, on_stdout=keep, on_stderr=stderr, action=action)
     text = bytes(out).decode("utf-8", "replace")
-    report = None
-    for source in (text, stderr.marker.decode("utf-8", "replace")):
-        _, sep, rest = source.partition(runner.REPORT)
-        if sep:
-            report = json.loads(rest.splitlines()[0])
-            break
+    _, sep, rest = text.partition(runner.REPORT)  # most commands report on stdout
+    report = json.loads(rest.splitlines()[0]) if sep else stderr.report()
     if report is None:
         marker = stderr.marker.decode("utf-8", "replace")
         message = marker.split(runner.ERROR.strip("\x1e"), 1)[-1].strip() or \

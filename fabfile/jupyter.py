@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 
 from . import shell
+from .connection import watched
 from .errors import CommandError, LocalError, host_errors
 from .execute import execute
 from .inventory import Host
 from .jobs import Job, list_jobs, start_job
 from .project import layout
+from .transfer import sftp_client
 from .tunnel import Tunnel
 
 TAG = "jupyter"
@@ -102,8 +104,8 @@ def start_server(c, project: str, cwd: str = "", timeout: float = 90.0) -> tuple
     mk = shell.path(lay["runs"])
     execute(c, shell.sh(f"mkdir -p -- {mk} && chmod 700 -- {mk}"), timeout=30,
             action="prepare the run dir")
-    with host_errors(host.name, "send the Jupyter token"):
-        sftp = c.sftp()
+    with watched(c, "send the Jupyter token"), host_errors(host.name, "send the Jupyter token"):
+        sftp = sftp_client(c)
         sftp.putfo(io.BytesIO(json.dumps({"JUPYTER_TOKEN": token}).encode()),
                    shell.home_relative(env_file))
         sftp.chmod(shell.home_relative(env_file), 0o600)

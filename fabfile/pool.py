@@ -41,9 +41,9 @@ import cloudpickle
 
 from . import shell, worker as proto
 from .connection import KEEPALIVE_INTERVAL, connect, frozen_message, probe
-from .execute import send_all
 from .errors import (CommandError, ConnectError, DeadlineError, HostError, LocalError,
                      PythonMismatchError, RemoteError, TransferError, host_errors)
+from .execute import send_all
 from .inventory import Host
 
 Output = Callable[[str, str, bytes], None]  # (host, "stdout"|"stderr", data)

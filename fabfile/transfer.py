@@ -413,6 +413,8 @@ def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
                 chan.status_event.wait(0.2)
         code = chan.recv_exit_status()
         chan.close()
+        if code == -1:  # closed without an exit status: the connection went away
+            raise EOFError("the connection closed before the push stream was unpacked")
     # Renamed into place only now; a failed stream leaves only temporary names (removed).
     cleanup = (f"cd -- {d} && find . -name {shell.q(tag + '*')} -exec sh -c "
                + shell.q(f'for f do b=${{f##*/}}; mv -fT -- "$f" "${{f%/*}}/${{b#{tag}}}"; done'
