@@ -4,7 +4,8 @@ package: ``fabfleet TASK`` or a one-line ``tasks.py`` (``fabfleet init`` writes 
 
 from invoke import Collection, task
 
-from fabfile.tasks import console, ns as fleet
+from fabfleet import render
+from fabfleet.tasks import ns as fleet
 
 
 @task(help={"prefix": "port prefix: hosts listen on 127.0.0.1:<prefix>01… (default 22)"})
@@ -12,7 +13,7 @@ def testbed_up(c, prefix=22):
     """Start the local SSH testbed (Docker) and write testbed/state/inventory.yaml."""
     import testbed
     inv = testbed.up(int(prefix))
-    console().print(f"testbed is up; its inventory: {inv}\n"
+    render.say(f"testbed is up; its inventory: {inv}\n"
                     f"use it with:  export FABFLEET_INVENTORY={inv}")
 
 

@@ -19,7 +19,7 @@ if __name__ == "__main__":
             lambda: run(fabfleet_argv("check-env", "--host", ",".join(HOSTS), "--json")),
             lambda: parallel([ssh_argv(h) + ["python3", "-c", repr(probe)] for h in HOSTS]))
     # The same work from Python (a notebook, another fabfile): no process start-up.
-    from fabfile import Inventory, check_hosts
+    from fabfleet import Inventory, check_hosts
     hosts = Inventory.load(ensure_testbed()).select(host=",".join(HOSTS))
     compare("check_hosts() over ws1,ws2,gpu1 (library call)",
             lambda: check_hosts(hosts),

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from common import compare, ensure_testbed
 
-from fabfile import Inventory, push, setup_workdir
-from fabfile.project import layout
+from fabfleet import Inventory, push, setup_workdir
+from fabfleet.config.settings import layout
 
 HOSTS = "ws1,ws2,gpu1"
 

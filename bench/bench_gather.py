@@ -9,7 +9,7 @@ import tempfile
 
 from common import compare, ensure_testbed, scp_argv, ssh_argv
 
-from fabfile import Inventory, gather
+from fabfleet import Inventory, gather
 
 if __name__ == "__main__":
     inv = Inventory.load(ensure_testbed())

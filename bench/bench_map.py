@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common import compare, ensure_testbed
 
-from fabfile import Inventory, close_workers
+from fabfleet import Inventory, close_workers
 
 
 def inc(x):

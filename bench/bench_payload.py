@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from common import ROOT, compare, ensure_testbed, ssh_argv
 
-from fabfile import Inventory, close_workers, connect, remote, run_payload
-from fabfile.execute import execute
+from fabfleet import Inventory, close_workers, connect, remote, run_payload
+from fabfleet.ssh.exec import execute
 
 
 def add(a, b):
@@ -33,7 +33,7 @@ def add(a, b):
 
 if __name__ == "__main__":
     inv = Inventory.load(ensure_testbed())
-    code = ("import sys; sys.path.insert(0, %r); from fabfile import Inventory, run_payload; "
+    code = ("import sys; sys.path.insert(0, %r); from fabfleet import Inventory, run_payload; "
             "inv = Inventory.load(%r); run_payload(inv.connect('ws1'), abs, -1)"
             % (str(ROOT), str(inv.path)))
     compare("cold call in a new process (connect+worker+call)",

@@ -39,7 +39,7 @@ if __name__ == "__main__":
             lambda: (run(scp_argv("ws1") + [str(hello), dest]),
                      run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
 
-    from fabfile import Inventory, connect, push, run_script
+    from fabfleet import Inventory, connect, push, run_script
     inv = Inventory.load(ensure_testbed())
     c = connect(inv["ws1"])
     compare("run_script() on an open connection (library)",

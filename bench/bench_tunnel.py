@@ -18,9 +18,9 @@ from pathlib import Path
 
 from common import compare, ensure_testbed, ssh_argv
 
-from fabfile import Inventory
-from fabfile.jobs import start_job
-from fabfile.tunnel import Tunnel
+from fabfleet import Inventory
+from fabfleet.host.jobs import start_job
+from fabfleet.ssh.tunnel import Tunnel
 
 SERVER = """\
 import functools, http.server, os, sys

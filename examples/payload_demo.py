@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fabfile import Inventory, RemoteError, remote, run_payload  # noqa: E402
+from fabfleet import Inventory, RemoteError, remote, run_payload  # noqa: E402
 
 inv = Inventory.load(os.environ.get("FABFLEET_INVENTORY", "inventory.yaml"))
 

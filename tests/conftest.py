@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import testbed
-from fabfile import Inventory
+from fabfleet import Inventory
 
 PREFIX = 23
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,8 +123,8 @@ def _isolated_ssh(tmp_path_factory, monkeypatch):
 def fresh_workers():
     """Close every payload worker and connection after the test (fresh pools next)."""
     yield
-    import fabfile
-    fabfile.close_workers()
+    import fabfleet
+    fabfleet.close_workers()
 
 
 @pytest.fixture
@@ -156,6 +156,6 @@ def write(path: Path, text: str) -> Path:
 
 def sh(fleet, name: str, command: str) -> str:
     """``command``'s stdout on testbed host ``name`` (a fresh verified connection)."""
-    from fabfile.execute import execute
+    from fabfleet.ssh.exec import execute
     with fleet.inventory().connect(name) as c:
         return execute(c, command).stdout

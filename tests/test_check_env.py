@@ -7,7 +7,7 @@ import time
 
 
 
-from fabfile import check_env, check_hosts, fan_out
+from fabfleet import check_env, check_hosts, fan_out
 
 
 def test_check_env_json_contract(fleet):
@@ -102,7 +102,7 @@ def test_dead_host_does_not_delay_the_others(fleet):
 
 def test_fan_out_deadline_and_bound():
     """Pure fan-out behaviour (callables, no SSH): bounded, deadline per host, order kept."""
-    from fabfile import Host
+    from fabfleet import Host
     hosts = [Host(f"h{i}") for i in range(6)]
     live = []
     peak = []
@@ -130,7 +130,7 @@ def test_fan_out_deadline_and_bound():
 def test_another_projects_tasks_py_can_import_fabfile(fleet, tmp_path):
     (tmp_path / "tasks.py").write_text(
         "from invoke import task\n"
-        "from fabfile import Inventory, check_env\n\n"
+        "from fabfleet import Inventory, check_env\n\n"
         "@task\n"
         "def ready(c, name):\n"
         "    inv = Inventory.load(c.config.get('inv_path') or __import__('os').environ"

@@ -11,7 +11,7 @@ from dataclasses import replace
 import paramiko
 import pytest
 
-from fabfile import AuthError, ConnectError, HostKeyError, Inventory, connect
+from fabfleet import AuthError, ConnectError, HostKeyError, Inventory, connect
 
 
 @pytest.fixture

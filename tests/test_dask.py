@@ -111,7 +111,7 @@ def test_a_mismatch_is_refused_before_anything_starts(fleet, daskproj, tmp_path,
     other.mkdir()
     (other / "pyproject.toml").write_text("")
     monkeypatch.chdir(other)
-    from fabfile import FanOutError
+    from fabfleet import FanOutError
     with pytest.raises(FanOutError) as info:
         with fleet.inventory().select(host="ws1,ws2").dask():
             pass

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fabfile import Host
-from fabfile.facts import (MARKER, interpret, parse_meminfo, parse_nvidia_smi, parse_probe_output,
+from fabfleet import Host
+from fabfleet.host.facts import (MARKER, interpret, parse_meminfo, parse_nvidia_smi, parse_probe_output,
                            parse_python)
 
 DATA = Path(__file__).parent / "data"

@@ -15,9 +15,9 @@ import time
 import pytest
 from conftest import sh, write
 
-from fabfile import ConnectError, HostError, TransferError, connect, gather, push
-from fabfile.connection import KEEPALIVE_INTERVAL
-from fabfile.execute import execute
+from fabfleet import ConnectError, HostError, TransferError, connect, gather, push
+from fabfleet.config.deadlines import KEEPALIVE_INTERVAL
+from fabfleet.ssh.exec import execute
 
 FROZEN_BOUND = KEEPALIVE_INTERVAL + 5 + 15  # interval + connect_timeout + rsync/poll slack
 

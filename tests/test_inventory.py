@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fabfile import Inventory, InventoryError, find_inventory
+from fabfleet import Inventory, InventoryError, find_inventory
 
 GOOD = """
 defaults:
@@ -128,7 +128,7 @@ def test_relative_local_paths_resolve_next_to_the_inventory(tmp_path):
 
 
 def test_project_root_and_name(tmp_path):
-    from fabfile import find_project, project_name
+    from fabfleet import find_project, project_name
     (tmp_path / "p" / "x" / "y").mkdir(parents=True)
     assert find_project(tmp_path / "p" / "x" / "y") == tmp_path / "p" / "x" / "y"
     (tmp_path / "p" / ".git").mkdir()

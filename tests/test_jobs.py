@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import sh, write
 
-from fabfile.jobs import Job, list_jobs
-from fabfile.tunnel import Tunnel
+from fabfleet.host.jobs import Job, list_jobs
+from fabfleet.ssh.tunnel import Tunnel
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ CELLS = [
     # 0: setup
     """import os
 os.environ["FABFLEET_INVENTORY"] = {inventory!r}
-from fabfile import Inventory, RemoteError, remote
+from fabfleet import Inventory, RemoteError, remote
 inv = Inventory.load(os.environ["FABFLEET_INVENTORY"])""",
     # 1: a remote function that prints (the OutStream has no .buffer)
     """@remote("ws1")

@@ -13,10 +13,10 @@ import payload_funcs as pf
 import pytest
 
 
-import fabfile
-from fabfile import (CommandError, ConnectError, MapError, PythonMismatchError, RemoteError,
+import fabfleet
+from fabfleet import (CommandError, ConnectError, MapError, PythonMismatchError, RemoteError,
                      remote, run_payload, save_payload)
-from fabfile.execute import execute
+from fabfleet.ssh.exec import execute
 
 
 pytestmark = pytest.mark.usefixtures("fresh_workers")
@@ -40,7 +40,7 @@ def test_lambdas_closures_and_main_functions(inv, tmp_path):
     script.write_text(f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
-from fabfile import remote
+from fabfleet import remote
 
 @remote("ws1", inventory={str(inv.path)!r})
 def where(tag):
@@ -83,7 +83,7 @@ def test_prints_arrive_while_the_function_runs(inv, capfd):
 
     def watch(host, stream, data):
         seen.append((time.monotonic() - started, host, stream, data))
-    fabfile.call_on_host(inv["ws1"], fabfile.payload.dumps_call(pf.chatty, 4), on_output=watch)
+    fabfleet.call_on_host(inv["ws1"], fabfleet.host.payload.dumps_call(pf.chatty, 4), on_output=watch)
     ended = time.monotonic() - started
     first = next(t for t, _, s, d in seen if b"step 0" in d)
     assert ended - first > 1.0
@@ -136,11 +136,11 @@ def test_cloudpickle_is_shipped_and_cached(inv, fleet):
 
 def test_dead_worker_is_replaced_transparently(inv):
     host = inv["ws2"]
-    first = fabfile.call_on_host(host, fabfile.payload.dumps_call(__import__("os").getpid))
+    first = fabfleet.call_on_host(host, fabfleet.host.payload.dumps_call(__import__("os").getpid))
     with inv.connect("ws2") as c:
         execute(c, f"kill -9 {first}")
     time.sleep(0.2)
-    second = fabfile.call_on_host(host, fabfile.payload.dumps_call(__import__("os").getpid))
+    second = fabfleet.call_on_host(host, fabfleet.host.payload.dumps_call(__import__("os").getpid))
     assert second != first
 
 
@@ -164,7 +164,7 @@ def test_warm_calls_reuse_connection_and_worker(inv):
     c = inv.connect("ws1")
     pids = {run_payload(c, __import__("os").getpid) for _ in range(20)}
     assert len(pids) == 1
-    pool = fabfile.pool.pool_for(inv["ws1"])
+    pool = fabfleet.host.pool.pool_for(inv["ws1"])
     assert pool.conn is not None and len(pool.idle) == 1
 
 

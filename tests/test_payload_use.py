@@ -18,10 +18,10 @@ from pathlib import Path
 import payload_funcs as pf
 import pytest
 
-import fabfile
-from fabfile import (ConnectError, DeadlineError, RemoteError, remote,
+import fabfleet
+from fabfleet import (ConnectError, DeadlineError, RemoteError, remote,
                      run_payload, save_payload)
-from fabfile.execute import execute
+from fabfleet.ssh.exec import execute
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,9 +106,9 @@ def test_a_raising_output_callback_fails_its_item_not_the_map(inv):
                                              return_exceptions=True)
     assert len(results) == 5
     for i in (0, 2, 4):  # their calls printed: the callback's error is theirs
-        assert isinstance(results[i], fabfile.LocalError) and "callback bug" in str(results[i])
+        assert isinstance(results[i], fabfleet.LocalError) and "callback bug" in str(results[i])
     for i in (1, 3):  # silent items: their value, unless they shared a call (chunk) with one
-        assert results[i] == 0 or isinstance(results[i], fabfile.LocalError)
+        assert results[i] == 0 or isinstance(results[i], fabfleet.LocalError)
 
 
 # -- the project's code travels ----------------------------------------------------------
@@ -117,7 +117,7 @@ def test_main_function_using_a_project_module(fleet, tmp_path):
     (tmp_path / "mathutil.py").write_text("def twice(x):\n    return 2 * x\n")
     s = script(tmp_path, fleet, """
         import helper
-        from fabfile import Inventory, remote
+        from fabfleet import Inventory, remote
 
         @remote("ws1", inventory=INVENTORY)
         def compute(x):
@@ -207,7 +207,7 @@ def test_frozen_host_fails_a_warm_call_in_bounded_time(fleet, inv):
             run_payload(host, pf.sleepy, 1)
         elapsed = time.monotonic() - started
     assert info.value.host == "ws3" and "stopped answering" in str(info.value)
-    bound = fabfile.pool.KEEPALIVE_INTERVAL + host.connect_timeout + 2
+    bound = fabfleet.config.deadlines.KEEPALIVE_INTERVAL + host.connect_timeout + 2
     assert elapsed < bound + 3, elapsed
 
 
@@ -225,7 +225,7 @@ def test_frozen_host_during_map_other_hosts_finish(fleet, inv):
 def test_ctrl_c_stops_the_remote_function_and_reraises(fleet, inv, tmp_path):
     s = script(tmp_path, fleet, """
         import time
-        from fabfile import Inventory, remote
+        from fabfleet import Inventory, remote
         @remote("gpu1", inventory=INVENTORY)
         def forever():
             import time
@@ -252,7 +252,7 @@ def test_ctrl_c_stops_the_remote_function_and_reraises(fleet, inv, tmp_path):
 
 def test_killed_client_leaves_no_remote_worker(fleet, inv, tmp_path):
     s = script(tmp_path, fleet, """
-        from fabfile import Inventory
+        from fabfleet import Inventory
         def busy(i):
             import time
             print("item", i, flush=True)
@@ -306,7 +306,7 @@ def test_workers_starting_together_on_a_fresh_host(inv):
     """Both job slots of gpu1 start a worker at once on a host without our cloudpickle
     cache: both unpack it (one wins the race), neither fails."""
     for _ in range(3):
-        fabfile.close_workers()
+        fabfleet.close_workers()
         remote_sh(inv, "gpu1", "rm -rf ~/.cache/fabfleet")
         assert inv.select(host="gpu1").map(pf.fibonacci, range(8)) == \
             [pf.fibonacci(i) for i in range(8)]

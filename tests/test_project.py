@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import sh, write
 
-from fabfile.tasks import SHORT_FLAGS, ns
+from fabfleet.cli.options import SHORT_FLAGS
+from fabfleet.tasks import ns
 
 TASKS = ["init", "hosts", "check-env", "setup-workdir", "push", "run-remote", "run-pickle",
          "gather", "clean"]
@@ -48,7 +49,8 @@ def myproj(tmp_path) -> Path:
 # -- the installed command -------------------------------------------------------------
 def test_installed_package_is_not_this_checkout(fleet, tmp_path):
     out = subprocess.run([str(fleet.bin / "python"), "-c",
-                          "import fabfile, fabfile.cli, fabfile.tasks; print(fabfile.__file__)"],
+                          "import fabfile, fabfile.tasks, fabfleet, fabfleet.cli.program, fabfleet.tasks; "
+                          "print(fabfleet.__file__, fabfile.__file__)"],
                          capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     assert "site-packages" in out and "/work/" not in out.replace(str(tmp_path), "")
 
@@ -165,7 +167,7 @@ def test_init_then_inv(fleet, myproj, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"wrote {myproj / 'inventory.yaml'}" in r.stdout
     assert f"wrote {myproj / 'tasks.py'}" in r.stdout and "check-env --all" in r.stdout
-    assert (myproj / "tasks.py").read_text().count("from fabfile.tasks import ns") == 1
+    assert (myproj / "tasks.py").read_text().count("from fabfleet.tasks import ns") == 1
     starter = (myproj / "inventory.yaml").read_text()
     r = fleet.cli("hosts", cwd=myproj, env=xdg, program="inv")  # the starter inventory loads
     assert r.returncode == 0 and "ws1.example.org" in r.stdout, r.stdout + r.stderr

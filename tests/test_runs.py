@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import fabfile
-from fabfile import ConnectError, LocalError, connect
-from fabfile.execute import execute
+import fabfleet
+from fabfleet import ConnectError, LocalError, connect
+from fabfleet.ssh.exec import execute
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_output_streams_before_the_script_ends(fleet, tmp_path):
     """)
     seen = []
     with fleet.inventory().connect("ws1") as c:
-        result = fabfile.run_script(c, script, on_stdout=lambda d: seen.append(
+        result = fabfleet.run_script(c, script, on_stdout=lambda d: seen.append(
             (time.monotonic(), d)))
         ended = time.monotonic()
     assert result.exit_code == 0
@@ -128,7 +128,7 @@ def test_missing_script_is_a_local_error_before_connecting(fleet, tmp_path):
     assert r.returncode == 2
     assert "nope.py: script not found (nothing was sent to any host)" in r.stderr
     with pytest.raises(LocalError):
-        fabfile.run_many(fleet.inventory().select(host="ws1"), tmp_path / "nope.py")
+        fabfleet.run_many(fleet.inventory().select(host="ws1"), tmp_path / "nope.py")
 
 
 def test_run_with_project_push(fleet, project):
@@ -162,7 +162,7 @@ def test_host_dying_mid_run_is_reported_and_others_finish(fleet, tmp_path):
     t.start()
     try:
         started = time.monotonic()
-        res = fabfile.run_many(fleet.inventory().select(host="ws1,ws3"), script,
+        res = fabfleet.run_many(fleet.inventory().select(host="ws1,ws3"), script,
                                on_output=collect, log_root=tmp_path / "gathered")
         elapsed = time.monotonic() - started
         t.join()
@@ -219,15 +219,15 @@ def test_push_excludes_and_unchanged_repush(fleet, project, host, method):
     target = f"~/fabfleet/push-{method}"
     with connect(inv[host]) as c:
         execute(c, f"rm -rf {target}")
-        first = fabfile.push(c, project, target, excludes=["data.txt"])
+        first = fabfleet.push(c, project, target, excludes=["data.txt"])
         assert first.method == method
         assert first.files_sent == first.files_total == 4  # .gitignore keep.log main.py util.py
         listing = execute(c, f"cd {target} && find . -type f | sort").stdout.split()
         assert listing == ["./.gitignore", "./keep.log", "./main.py", "./pkg/util.py"]
-        again = fabfile.push(c, project, target, excludes=["data.txt"])
+        again = fabfleet.push(c, project, target, excludes=["data.txt"])
         assert again.files_sent == 0 and again.bytes_sent < 200
         (project / "main.py").write_text("print('changed')\n")
-        third = fabfile.push(c, project, target, excludes=["data.txt"])
+        third = fabfleet.push(c, project, target, excludes=["data.txt"])
         assert third.files_sent == 1
         assert execute(c, f"cat {target}/main.py").stdout == "print('changed')\n"
         mode = execute(c, f"stat -c %a {target}/main.py").stdout.strip()

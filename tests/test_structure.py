@@ -1,52 +1,227 @@
-"""The package's shape (STYLE.md 1, 15-17): the CLI apart from the library, imports
-pointing one way, no private names imported across modules. Pure source checks."""
+"""The package's shape (STYLE.md 1, 15-21), checked on the source alone:
+
+* layers import downward only (``hostside`` < ``errors``/``render`` < ``config`` <
+  ``ssh`` < ``host`` < ``fleet`` < ``apps`` < ``cli``), with no import cycle; the one
+  documented exception is :meth:`Inventory.dask`'s import of ``apps`` inside the method;
+* code that runs on hosts (``fabfleet/hostside/``) imports only the standard library and
+  compiles for the oldest Python the README promises for hosts (3.6);
+* no module holds Python source in a string constant (host programs are real modules);
+* only ``render`` imports rich; only the CLI imports Invoke's task machinery;
+* no private names are imported across modules.
+"""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "fabfile"
-CLI = {"tasks", "cli"}
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "fabfleet"
+#: the layer of each top-level room of the package; imports may only go to a lower or
+#: equal layer (equal: within the same room)
+LAYERS = {"hostside": 0, "errors": 1, "render": 1, "config": 2, "ssh": 3, "host": 4,
+          "fleet": 5, "apps": 6, "cli": 7, "tasks": 8, "__init__": 9}
+#: (importing module, imported room) pairs allowed upward, inside a function, on purpose
+DOCUMENTED_UPWARD = {("fabfleet.fleet.inventory", "apps")}
+OLDEST_HOST_PYTHON = (3, 6)
 
 
-def imports(path: Path) -> list[tuple[str, list[str], bool]]:
-    """(module, names, at top level) for every ``from .x import …`` in a file."""
-    tree = ast.parse(path.read_text())
-    top = {id(n) for n in tree.body}
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            out.append((node.module.split(".")[0], [a.name for a in node.names],
-                        id(node) in top))
-        elif isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
-            mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-            out.append(("<ext>" + (mod or ""), [], id(node) in top))
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(ROOT).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
     return out
 
 
-def test_no_import_cycles_and_cli_apart():
-    modules = {p.stem: imports(p) for p in PKG.glob("*.py") if p.stem != "__init__"}
-    graph = {m: {dep for dep, _, _ in deps if not dep.startswith("<ext>")}
-             for m, deps in modules.items()}
-    for m, deps in graph.items():
-        if m not in CLI:
-            assert not deps & CLI, f"library module {m} imports the CLI"
-            # Invoke's exceptions are translated at the error boundary; its task
-            # machinery (task, Collection, Program, Exit) belongs to the CLI alone.
-            assert not any(d.startswith("<ext>invoke") and d != "<ext>invoke.exceptions"
-                           for d, _, _ in modules[m]), m
+MODULES = modules()
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def own_imports(module: str, path: Path) -> list[tuple[str, list[str], bool]]:
+    """``(absolute module, names, at top level)`` for every import of fabfleet's own
+    modules in ``path`` (``module`` is its dotted name)."""
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    for node in tree.body:  # imports under `if TYPE_CHECKING:` count as top level
+        if isinstance(node, ast.If):
+            top |= {id(n) for n in node.body}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")
+            base = base[:len(base) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [a.name for a in node.names]
+            if not node.module:  # from . import x: x is a module, or a name in the package
+                for n in names:
+                    sub = f"{target}.{n}"
+                    out.append((sub, [], id(node) in top) if sub in MODULES else
+                               (target, [n], id(node) in top))
+            else:
+                out.append((target, names, id(node) in top))
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "fabfleet":
+                    out.append((a.name, [], id(node) in top))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fabfleet"):
+            out.append((node.module, [a.name for a in node.names], id(node) in top))
+    return out
+
+
+def external_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.add(node.module or "")
+    return {m for m in out if not m.startswith("fabfleet")}
+
+
+def test_layers_import_downward_only():
+    for module, path in modules().items():
+        mine = room(module)
+        for target, names, top in own_imports(module, path):
+            theirs = room(target)
+            if LAYERS[theirs] <= LAYERS[mine] or (target == "fabfleet" and names == [
+                    "__version__"]):  # the version string, a constant of the package
+                continue
+            assert not top and (module, theirs) in DOCUMENTED_UPWARD, \
+                f"{module} (layer {mine}) imports {target} (layer {theirs}), above it"
+
+
+def test_no_import_cycles():
+    mods = modules()
+    graph = {m: {t for t, _, top in own_imports(m, p) if top and t in mods and t != m}
+             for m, p in mods.items()}
 
     def visit(m, path):
         assert m not in path, f"import cycle: {' -> '.join(path + [m])}"
         for dep in graph.get(m, ()):
+            if dep.startswith(m + "."):
+                continue  # a package importing its own submodule is not a cycle
             visit(dep, path + [m])
     for m in graph:
         visit(m, [])
 
 
+def test_the_layers_checked_are_all_there():
+    rooms = {room(m) for m in modules()}
+    assert rooms == set(LAYERS), f"rooms without a layer (or layers without a room): " \
+                                 f"{rooms ^ set(LAYERS)}"
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "hostside").glob("*.py")), ids=lambda p: p.name)
+def test_host_side_code_is_standard_library_only_and_old_python(path):
+    source = path.read_text()
+    ast.parse(source, feature_version=OLDEST_HOST_PYTHON)  # a SyntaxError fails the test
+    stdlib = set(sys.stdlib_module_names)
+    for mod in unguarded_imports(path):
+        # cloudpickle is the exception: the client ships its own when the host lacks it
+        assert mod.split(".")[0] in stdlib or (path.name, mod) == ("worker.py", "cloudpickle"), \
+            f"{path.name} imports {mod}, not in the standard library, without a fallback"
+    for target, _, _ in own_imports(f"fabfleet.hostside.{path.stem}", path):
+        pytest.fail(f"{path.name} imports {target}: host-side modules travel alone")
+
+
+def unguarded_imports(path: Path) -> set[str]:
+    """Imports not inside a ``try`` whose handler catches ImportError: what a bare
+    Python must have for the module to run at all."""
+    tree = ast.parse(path.read_text())
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+                h.type is not None and "ImportError" in ast.unparse(h.type)
+                for h in node.handlers):
+            for inner in node.body:
+                guarded |= {id(n) for n in ast.walk(inner)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.add(node.module or "")
+    return out
+
+
+def python_in_strings(path: Path) -> list[tuple[int, str]]:
+    """String constants (not docstrings) that are Python programs: several lines that
+    parse, with at least one import, def, class or call statement."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) \
+                or id(node) in docstrings or node.value.count("\n") < 2:
+            continue
+        try:
+            parsed = ast.parse(node.value)
+        except SyntaxError:
+            continue
+        if any(isinstance(s, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef))
+               or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Call))
+               for s in parsed.body):
+            found.append((node.lineno, node.value.splitlines()[0]))
+    return found
+
+
+def test_the_program_in_a_string_check_can_fail(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text('PROBE = """\nimport json, sys\nprint(json.dumps(sys.argv))\n"""\n'
+                      'TEXT = """a message\nover several\nlines, not code"""\n')
+    assert [line for line, _ in python_in_strings(sample)] == [1]
+
+
+@pytest.mark.parametrize("module", sorted(modules()), ids=str)
+def test_no_python_source_in_string_constants(module):
+    assert not python_in_strings(modules()[module]), \
+        f"{module} holds a program in a string; put it in fabfleet/hostside/ as a module"
+
+
+def test_only_render_imports_rich_and_only_the_cli_invokes_tasks():
+    for module, path in modules().items():
+        ext = external_imports(path)
+        if module != "fabfleet.render":
+            assert not any(m.split(".")[0] == "rich" for m in ext), f"{module} imports rich"
+        if room(module) not in ("cli", "tasks"):
+            # Invoke's exceptions are translated at the error boundary; its task
+            # machinery (task, Collection, Program, Exit) belongs to the CLI alone.
+            assert not any(m.split(".")[0] == "invoke" and m != "invoke.exceptions"
+                           for m in ext), f"{module} imports Invoke's task machinery"
+
+
 def test_no_private_names_across_modules():
-    for p in PKG.glob("*.py"):
-        for dep, names, _ in imports(p):
-            private = [n for n in names if n.startswith("_")]
-            assert not private, f"{p.name} imports private {private} from {dep}"
+    for module, path in modules().items():
+        for target, names, _ in own_imports(module, path):
+            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            assert not private, f"{module} imports private {private} from {target}"
+
+
+def test_fabfile_is_the_same_objects_not_copies():
+    import fabfile
+    import fabfile.tasks
+    import fabfleet
+    import fabfleet.tasks
+    assert fabfile.Inventory is fabfleet.Inventory and fabfile.remote is fabfleet.remote
+    assert fabfile.tasks.ns is fabfleet.tasks.ns
+    assert callable(fabfleet.remote)  # never shadowed by a subpackage of that name

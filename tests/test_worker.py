@@ -1,4 +1,4 @@
-"""The remote worker (fabfile/worker.py) run locally in a subprocess, spoken to in its own
+"""The remote worker (fabfleet/hostside/worker.py) run locally in a subprocess, spoken to in its own
 protocol: framing, call ids, output, errors, the fork guard, interrupts, death on EOF.
 No SSH: this is the module's own contract, as the hosts run it."""
 
@@ -15,9 +15,13 @@ import time
 import cloudpickle
 import pytest
 
-from fabfile import worker as proto
-from fabfile.output import PrefixedOutput
-from fabfile.pool import worker_source
+from fabfleet.hostside import worker as proto
+from fabfleet.ssh.output import PrefixedOutput
+from fabfleet.ssh.launch import source
+
+
+def worker_source() -> str:
+    return source(proto)
 
 
 class LocalWorker:

@@ -1,0 +1,251 @@
+"""Hand the fleet to Dask: a scheduler and workers on the inventory's hosts, as fabfleet
+jobs, reached through a tunnel. Needs ``pip install 'fabfleet[dask]'`` locally and the
+same dask/distributed in each host's env (``fabfleet setup-workdir --requirements``).
+
+* **preflight** (one round trip per host, before anything starts): Python major.minor
+  and the versions of the packages Dask insists on, against the local ones;
+* **start**: the scheduler on one host (the first selected, or ``scheduler_host``), then
+  per host one job running ``max_jobs`` worker processes, each in the host's env with
+  its ``env`` vars. All are detached jobs (``fabfleet jobs`` lists them, ``kill`` and
+  ``dask-down`` stop them). The scheduler's address comes from its scheduler file. The
+  scheduler has an idle timeout and the workers a death timeout, so nothing is orphaned
+  if the laptop disappears;
+* **reach**: the client talks to the scheduler through a tunnel over the verified SSH
+  connection (the dashboard through another): only SSH needs to be open to the laptop.
+  Workers and the scheduler talk directly, at the inventory's ``hostname`` of the
+  scheduler host: hosts must reach each other there;
+* **code**: the project is pushed first (incrementally) and the scheduler and workers run
+  in it, so functions from the project's modules import there; functions defined in
+  ``__main__`` or a notebook travel by value (Dask's own rule).
+
+Dask's own protocol has no authentication: anyone who can reach the scheduler's port can
+run code as the user. Bind it to an address only the fleet can reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..config.deadlines import APP_START, QUICK_COMMAND
+from ..config.inventory import Host
+from ..config.settings import layout
+from ..errors import CommandError, ConnectError, FanOutError, HostError, LocalError
+from ..host.files import local_files
+from ..host.jobs import Job, list_jobs, start_job
+from ..host.push import push
+from ..hostside import dask_app, versions
+from ..ssh import shell
+from ..ssh.connect import connect
+from ..ssh.exec import execute
+from ..ssh.launch import file_of, python_command
+from ..ssh.tunnel import Tunnel
+
+REQUIRED = ("dask", "distributed", "cloudpickle", "msgpack")  # must match exactly
+ALSO = ("tornado", "toolz")                                     # must be there
+TAG_SCHEDULER, TAG_WORKERS = "dask-scheduler", "dask-workers"
+
+def local_versions() -> dict[str, str | None]:
+    from importlib import metadata
+    out: dict[str, str | None] = {"python": "%d.%d.%d" % sys.version_info[:3]}
+    for name in REQUIRED + ALSO:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def compare_versions(host: str, local: dict, remote: dict) -> list[str]:
+    """What keeps ``host`` from joining a Dask cluster with this machine (pure)."""
+    problems = []
+    if remote.get("python", "").split(".")[:2] != local["python"].split(".")[:2]:
+        problems.append(f"Python {remote.get('python')} there, {local['python']} here")
+    for name in REQUIRED + ALSO:
+        have, want = remote.get(name), local.get(name)
+        if have is None:
+            problems.append(f"{name} is not installed there (here: {want})")
+        elif name in REQUIRED and have != want:
+            problems.append(f"{name} {have} there, {want} here")
+    return problems
+
+
+def preflight(conns: dict[str, object], project: str) -> dict[str, dict]:
+    """Versions on every host (one round trip each) against the local ones; raises
+    :class:`FanOutError` naming each host, package and the fix, before anything starts."""
+    local = local_versions()
+    if local["distributed"] is None:
+        raise LocalError("Dask is not installed here: pip install 'fabfleet[dask]'")
+    found, problems = {}, {}
+    for name, c in conns.items():
+        host: Host = c.fleet_host
+        result = execute(c, python_command(host, versions, REQUIRED + ALSO, project=project),
+                         timeout=QUICK_COMMAND, action="check the Dask versions")
+        try:
+            found[name] = json.loads(result.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            problems[name] = CommandError(name, "could not read the package versions: "
+                                          f"{result.stderr.strip()[-300:]}")
+            continue
+        bad = compare_versions(name, local, found[name])
+        if bad:
+            pins = " ".join(f"{p}=={local[p]}" for p in REQUIRED if local.get(p))
+            problems[name] = CommandError(
+                name, f"cannot join a Dask cluster with this machine: {'; '.join(bad)}. Put "
+                f"`{pins}` in a requirements.txt and run `fabfleet setup-workdir -H {name} "
+                "--requirements requirements.txt` (or install them in the host's env).")
+    if problems:
+        summary = "; ".join(str(e) for e in problems.values())
+        raise FanOutError(f"{len(problems)}/{len(conns)} hosts cannot run Dask: {summary}",
+                          problems)
+    return found
+
+
+def _scheduler_file(c, job: Job, timeout: float) -> dict:
+    """Wait for the scheduler's own file; its address and dashboard port."""
+    run_dir = job.record["run_dir"]
+    deadline = time.monotonic() + timeout
+    while True:
+        out = execute(c, shell.sh(f"cat -- {shell.path(run_dir)}/scheduler.json 2>/dev/null"),
+                      timeout=QUICK_COMMAND, action="read the scheduler file")
+        if out.exit_code == 0 and out.stdout.strip():
+            with contextlib.suppress(ValueError):
+                return json.loads(out.stdout)
+        state = job.status()
+        if state["status"] != "running":
+            err = job.logs(stream="stderr")["data"].decode("utf-8", "replace")
+            raise CommandError(job.host.name, f"the Dask scheduler exited ({state['status']}, "
+                               f"code {state['exit_code']}):\n{err.strip()[-1500:]}")
+        if time.monotonic() > deadline:
+            job.kill()
+            raise CommandError(job.host.name, f"the Dask scheduler did not start within "
+                               f"{timeout:g}s; it was stopped")
+        time.sleep(0.3)
+
+
+class DaskCluster:
+    """A scheduler and workers on hosts, as fabfleet jobs; see the module docstring."""
+
+    def __init__(self, hosts: Sequence[Host], *, project: str,
+                 project_root: str | Path | None = None, push: bool = True,
+                 scheduler_host: str | None = None, idle_timeout: str = "1h",
+                 death_timeout: str = "60s", start_timeout: float = APP_START) -> None:
+        self.hosts = list(hosts)
+        if not self.hosts:
+            raise LocalError("a Dask cluster needs at least one host")
+        names = [h.name for h in self.hosts]
+        self.scheduler_name = scheduler_host or names[0]
+        if self.scheduler_name not in names:
+            raise LocalError(f"scheduler_host {self.scheduler_name!r} is not among the selected "
+                             f"hosts ({', '.join(names)})")
+        self.project = project
+        self.project_root = Path(project_root) if project_root else None
+        self.push = push and self.project_root is not None
+        self.idle_timeout, self.death_timeout = idle_timeout, death_timeout
+        self.start_timeout = start_timeout
+        self.conns = {h.name: connect(h) for h in self.hosts}
+        self.jobs: list[Job] = []
+        self.address = self.dashboard_port = None
+        self.tunnels: list[Tunnel] = []
+
+    def start(self) -> DaskCluster:
+        preflight(self.conns, self.project)
+        if self.push:  # scheduler and workers run in the pushed project: its modules import
+            files = local_files(self.project_root)
+            for c in self.conns.values():
+                push(c, self.project_root, layout(c.fleet_host, self.project)["project"],
+                     files=files)
+        sc = self.conns[self.scheduler_name]
+        listen = sc.fleet_host.hostname or sc.host
+        launcher = file_of(dask_app)
+        job = start_job(sc, launcher, ["scheduler", listen, self.idle_timeout],
+                        project=self.project, tag=TAG_SCHEDULER)
+        self.jobs.append(job)
+        info = _scheduler_file(sc, job, self.start_timeout)
+        self.address = info["address"]
+        self.dashboard_port = (info.get("services") or {}).get("dashboard")
+        for name, c in self.conns.items():
+            self.jobs.append(start_job(
+                c, launcher, ["workers", self.address, str(c.fleet_host.max_jobs), name,
+                              self.death_timeout], project=self.project, tag=TAG_WORKERS))
+        return self
+
+    @property
+    def n_workers(self) -> int:
+        return sum(h.max_jobs for h in self.hosts)
+
+    def client(self, timeout: float = 60.0):
+        """A ``distributed.Client`` over a tunnel to the scheduler, once every worker
+        has joined (or ``timeout`` passes)."""
+        from distributed import Client
+        sc = self.conns[self.scheduler_name]
+        port = int(self.address.rsplit(":", 1)[1])
+        t = Tunnel(sc, port).start()
+        self.tunnels.append(t)
+        client = Client(f"tcp://127.0.0.1:{t.local_port}", timeout=timeout)
+        try:
+            client.wait_for_workers(self.n_workers, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - say which hosts are missing
+            joined = {w.get("name") for w in client.scheduler_info()["workers"].values()}
+            client.close()
+            raise CommandError(self.scheduler_name, f"only {len(joined)} of {self.n_workers} "
+                               f"Dask workers joined within {timeout:g}s ({exc}); see "
+                               "`fabfleet jobs` and `fabfleet logs RUN_ID --stderr`") from None
+        return client
+
+    def dashboard(self) -> str | None:
+        """The dashboard's local URL (through a tunnel of its own)."""
+        if not self.dashboard_port:
+            return None
+        t = Tunnel(self.conns[self.scheduler_name], int(self.dashboard_port)).start()
+        self.tunnels.append(t)
+        return f"http://127.0.0.1:{t.local_port}/status"
+
+    def stop(self) -> None:
+        """Stop every job of this cluster (workers first) and close the tunnels."""
+        for t in self.tunnels:
+            t.close()
+        errors = []
+        for job in reversed(self.jobs):
+            try:
+                job.kill(grace=5)
+            except ConnectError:
+                pass  # the host is down: its processes went with it (or die by death timeout)
+            except HostError as exc:
+                errors.append(exc)
+        for c in self.conns.values():
+            c.close()
+        if errors:
+            raise FanOutError(f"{len(errors)} Dask jobs could not be stopped: "
+                              + "; ".join(map(str, errors)), {e.host: e for e in errors})
+
+
+@contextlib.contextmanager
+def dask_cluster(hosts: Sequence[Host], *, project: str, **options) -> Iterator:
+    """``with dask_cluster(hosts, project=…) as client:`` — a ``distributed.Client`` on
+    a cluster started on ``hosts``; leaving the block closes it and stops every job."""
+    cluster = DaskCluster(hosts, project=project, **options)
+    try:
+        cluster.start()
+        client = cluster.client()
+        try:
+            client.fabfleet_cluster = cluster
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.stop()
+
+
+def stop_project_clusters(c, project: str | None) -> list[str]:
+    """Kill the Dask jobs (``dask-down``) of ``project`` on the host behind ``c``."""
+    stopped = []
+    for entry in list_jobs(c, project):
+        if entry.get("tag") in (TAG_SCHEDULER, TAG_WORKERS) and entry["status"] == "running":
+            Job(c.fleet_host, entry["run_id"], entry).kill(grace=5)
+            stopped.append(entry["run_id"])
+    return stopped

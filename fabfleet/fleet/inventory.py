@@ -1,0 +1,54 @@
+""":class:`Inventory`: the inventory users hold, with the conveniences that reach hosts.
+
+:class:`~fabfleet.config.inventory.HostSet` is the validated data; this subclass adds
+``connect``, ``map``, ``imap_unordered`` and ``executor``, importing the connection and
+scheduler layers downward, so the data layer never imports them. The app conveniences
+(:meth:`Inventory.dask`) are the one place a lower layer reaches up: they import
+:mod:`fabfleet.apps` inside the method, so Dask is only imported when asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ..config.inventory import HostSet
+from ..config.settings import resolve_project
+from ..ssh.connect import FleetConnection, connect
+from .scheduler import FleetExecutor, ItemOutcome, imap_unordered, map_hosts
+
+
+class Inventory(HostSet):
+    """Hosts from one inventory file; select with :meth:`select`, reach with
+    :meth:`connect`, spread calls over them with :meth:`map`."""
+
+    def connect(self, name: str) -> FleetConnection:
+        """A :class:`fabric.Connection` to host ``name`` with verified host keys."""
+        return connect(self[name])
+
+    def map(self, fn: Callable, items: Iterable[Any], **kwargs: Any) -> list[Any]:
+        """``[fn(item) for item in items]`` spread over these hosts, in input order; see
+        :func:`fabfleet.fleet.scheduler.map_hosts` (``timeout=``, ``on_output=``,
+        ``return_exceptions=``, ``on_progress=``, ``progress=``)."""
+        return map_hosts(self, fn, items, **kwargs)
+
+    def imap_unordered(self, fn: Callable, items: Iterable[Any],
+                       **kwargs: Any) -> Iterator[ItemOutcome]:
+        """Each item's outcome as it completes; see :func:`fabfleet.fleet.scheduler.imap_unordered`."""
+        return imap_unordered(self, fn, items, **kwargs)
+
+    def dask(self, **options: Any):
+        """``with inv.select(group="gpu").dask() as client:`` — a ``distributed.Client``
+        on a Dask scheduler and workers started on these hosts for the current project;
+        leaving the block stops them. The project is pushed first so its modules import
+        there. Options: ``scheduler_host``, ``idle_timeout``, ``death_timeout``,
+        ``start_timeout``, ``push``; see :mod:`fabfleet.apps.dask`."""
+        from ..apps.dask import dask_cluster  # the documented upward import: see above
+        project = resolve_project()
+        options.setdefault("project_root", project.root if project.pushable else None)
+        return dask_cluster(self, project=project.name, **options)
+
+    def executor(self, **options: Any) -> FleetExecutor:
+        """A ``concurrent.futures.Executor`` over these hosts (``timeout=``,
+        ``on_output=``); see :class:`fabfleet.fleet.scheduler.FleetExecutor`."""
+        return FleetExecutor(self, **options)

@@ -1,0 +1,465 @@
+"""Many calls over many hosts: one scheduler, with an Executor and ``map`` in front.
+
+:class:`Scheduler` runs work on the selected hosts, ``max_jobs`` at a time on each: one
+thread per job slot, all pulling from one queue, so a slow host takes less and never
+stalls the others. A host that cannot be reached, or has the wrong Python, hands its
+work back to the others; when no host is left, what remains fails with the last host's
+error. Work is either a whole pickled call (:class:`FleetExecutor`, and ``map`` with a
+per-item ``timeout``) or an item of a map: consecutive items of one map travel together
+in chunks that grow until a call takes about :data:`CHUNK_SECONDS` (never more than a
+fair share of what is left), with the function sent once per worker.
+
+:func:`run_on_hosts` is the other shape: the same call once on every host.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from ..config.inventory import Host
+from ..errors import (ConnectError, FanOutError, HostError, LocalError, PythonMismatchError,
+                      RemoteError)
+from ..host.payload import dumps, dumps_call, dumps_function
+from ..host.pool import Output, call_on_host, default_output, remote_error
+from ..hostside import worker as proto
+from .fanout import FanOutResult, fan_out
+
+Progress = Callable[[int, int], None]  # (items done, items total)
+CHUNK_SECONDS = 0.05  # a map chunk grows until one call takes about this long
+MAX_CHUNK = 4096
+
+
+# -- the scheduler ---------------------------------------------------------------------
+class _Batch:
+    """One map: its function (``(id, pickle)``, sent once per worker)."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.define = dumps_function(fn)
+
+
+class _Work:
+    """One unit of work: a whole pickled call (``blob``) or an item of a ``batch``.
+    ``done(host, value, error)`` receives its outcome; ``begin()`` says whether it
+    should still run (a cancelled Future should not)."""
+
+    __slots__ = ("blob", "batch", "item", "done", "begin")
+
+    def __init__(self, done: Callable[[str | None, Any, BaseException | None], None], *,
+                 blob: bytes | None = None, batch: _Batch | None = None, item: Any = None,
+                 begin: Callable[[], bool] | None = None) -> None:
+        self.blob, self.batch, self.item, self.done = blob, batch, item, done
+        self.begin = begin
+
+
+class Scheduler:
+    """Job-slot threads over ``hosts`` taking :class:`_Work` from one queue (see the
+    module docstring). :meth:`put` work, :meth:`close` when no more will come, then
+    :meth:`join`; :attr:`cancel` stops running calls on their hosts."""
+
+    def __init__(self, hosts: Iterable[Host], *, on_output: Output, timeout: float | None = None,
+                 project: str | None = None) -> None:
+        self.hosts = list(hosts)
+        if not self.hosts:
+            raise LocalError("no hosts selected to run on")
+        self.output, self.timeout, self.project = on_output, timeout, project
+        self.cond = threading.Condition()
+        self.queue: collections.deque[_Work] = collections.deque()
+        self.in_flight = 0
+        self.live = {h.name for h in self.hosts}
+        self.last_error: BaseException | None = None
+        self.cancel = threading.Event()
+        self.closing = False
+        self.threads: list[threading.Thread] = []
+        self.slots = sum(h.max_jobs for h in self.hosts)
+
+    def put(self, works: Iterable[_Work]) -> None:
+        with self.cond:
+            if self.closing:
+                raise RuntimeError("cannot add work to a closed scheduler")
+            dead = not self.live
+            if not dead:
+                self.queue.extend(works)
+                self.cond.notify_all()
+                if not self.threads:
+                    self._start()
+        if dead:
+            for w in works:
+                w.done(None, None, self._no_host_error())
+
+    def close(self) -> None:
+        """No more work will come: threads end once the queue is drained."""
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+
+    def drop_queued(self) -> list[_Work]:
+        with self.cond:
+            dropped = list(self.queue)
+            self.queue.clear()
+            return dropped
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self.threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def _start(self) -> None:
+        for h in self.hosts:
+            for j in range(h.max_jobs):
+                t = threading.Thread(target=self._slot, args=(h,), daemon=True,
+                                     name=f"fabfleet-map-{h.name}-{j}")
+                self.threads.append(t)
+                t.start()
+
+    def _no_host_error(self) -> BaseException:
+        if self.cancel.is_set():
+            return LocalError("cancelled before it ran")
+        return self.last_error or ConnectError("-", "no host left")
+
+    def _take(self, host: Host, size: int) -> list[_Work]:
+        with self.cond:
+            while True:
+                if host.name not in self.live or self.cancel.is_set():
+                    return []
+                if self.queue:
+                    taken = [self.queue.popleft()]
+                    batch = taken[0].batch
+                    if batch is not None:
+                        fair = max(1, -(-(len(self.queue) + 1) // self.slots))
+                        n = min(size, fair)
+                        while len(taken) < n and self.queue and self.queue[0].batch is batch:
+                            taken.append(self.queue.popleft())
+                    self.in_flight += len(taken)
+                    return taken
+                if self.closing and self.in_flight == 0:
+                    return []
+                self.cond.wait(0.2)  # a dying host may still hand work back
+
+    def _run(self, host: Host, works: list[_Work]) -> list[tuple[Any, BaseException | None]]:
+        first = works[0]
+        if first.batch is None:
+            value = call_on_host(host, first.blob, on_output=self.output, timeout=self.timeout,
+                                 cancel=self.cancel, project=self.project)
+            return [(value, None)]
+        blob = dumps((first.batch.define[0], [w.item for w in works]))
+        values = call_on_host(host, blob, on_output=self.output, cancel=self.cancel,
+                              kind=proto.CHUNK, define=first.batch.define, project=self.project)
+        return [(v, None) if tag == "v" else (None, remote_error(host.name, v))
+                for tag, v in values]
+
+    def _slot(self, host: Host) -> None:
+        size = 1
+        while works := self._take(host, size):
+            ready = [w for w in works if w.begin is None or w.begin()]
+            if len(ready) != len(works):
+                with self.cond:
+                    self.in_flight -= len(works) - len(ready)
+                    self.cond.notify_all()
+            if not ready:
+                continue
+            started = time.monotonic()
+            requeue = False
+            try:
+                results = self._run(host, ready)
+            except (ConnectError, PythonMismatchError) as exc:
+                with self.cond:  # the host, not the work, is at fault
+                    self.live.discard(host.name)
+                    self.last_error = exc
+                    requeue = bool(self.live) and not self.cancel.is_set()
+                results = [(None, exc)] * len(ready)
+            except BaseException as exc:  # noqa: BLE001 - this work's error
+                results = [(None, exc)] * len(ready)
+            if ready[0].batch is not None:
+                per_item = (time.monotonic() - started) / len(ready)
+                size = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(per_item, 1e-7))))
+            with self.cond:
+                self.in_flight -= len(ready)
+                if requeue:
+                    self.queue.extendleft(reversed(ready))
+                self.cond.notify_all()
+            if not requeue:
+                for w, (value, error) in zip(ready, results):
+                    w.done(host.name, value, error)
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """No live host is left (or the work was cancelled): fail what is still queued."""
+        with self.cond:
+            if self.live and not self.cancel.is_set():
+                return
+            orphans = list(self.queue)
+            self.queue.clear()
+            self.cond.notify_all()
+        for w in orphans:
+            w.done(None, None, self._no_host_error())
+
+
+# -- the Executor ----------------------------------------------------------------------
+class FleetExecutor(Executor):
+    """An Executor over hosts. ``timeout`` (seconds) bounds each call (the function is
+    stopped on the host); ``on_output`` gets the functions' output (default: mirrored to
+    ``sys.stdout``/``sys.stderr``, ``[host]``-prefixed when several hosts are selected).
+
+    Leaving a ``with`` block waits for the submitted calls; leaving it by an exception
+    (Ctrl-C, a notebook interrupt) cancels the queued ones and stops the running ones on
+    their hosts. Every Future knows its ``.host``.
+    """
+
+    def __init__(self, hosts: Iterable[Host], *, timeout: float | None = None,
+                 on_output: Output | None = None, project: str | None = None) -> None:
+        hosts = list(hosts)
+        self.output = on_output or default_output(prefix=len(hosts) > 1)
+        self.scheduler = Scheduler(hosts, on_output=self.output, timeout=timeout,
+                                   project=project)
+        self._shutdown = False
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:  # noqa: D102
+        """Run ``fn(*args, **kwargs)`` on one of the hosts; a Future of its value (its
+        ``.host`` says where it ran). Pickling errors raise here, at once."""
+        return self._submit_blob(dumps_call(fn, *args, **kwargs))
+
+    def _submit_blob(self, blob: bytes) -> Future:
+        if self._shutdown:
+            raise RuntimeError("cannot submit to an executor after shutdown")
+        f: Future = Future()
+        f.host = None  # type: ignore[attr-defined]
+
+        def begin() -> bool:
+            return f.running() or f.set_running_or_notify_cancel()
+
+        def done(host: str | None, value: Any, error: BaseException | None) -> None:
+            f.host = host  # type: ignore[attr-defined]
+            if not f.running() and not f.set_running_or_notify_cancel():
+                return  # cancelled
+            if error is not None:
+                f.set_exception(error)
+            else:
+                f.set_result(value)
+        self.scheduler.put([_Work(done, blob=blob, begin=begin)])
+        return f
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._shutdown = True
+        if cancel_futures:
+            for w in self.scheduler.drop_queued():
+                w.done(None, None, LocalError("cancelled"))
+        self.scheduler.close()
+        if wait:
+            self.scheduler.join()
+        if hasattr(self.output, "flush"):
+            self.output.flush()
+
+    def stop(self) -> None:
+        """Cancel what is queued and stop the running calls on their hosts (each fails
+        with a ``CommandError``), then wait for the threads: bounded by the interrupt
+        grace period."""
+        self.scheduler.cancel.set()
+        self.shutdown(wait=True, cancel_futures=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.stop()
+        else:
+            self.shutdown(wait=True)
+        return False
+
+
+# -- map -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ItemOutcome:
+    index: int
+    host: str | None
+    value: Any = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class MapError(FanOutError):
+    """Some items failed; ``.outcomes`` has every item's value or error, in input order."""
+
+    def __init__(self, outcomes: list[ItemOutcome]) -> None:
+        self.outcomes = outcomes
+        bad = [o for o in outcomes if not o.ok]
+        first = "; ".join(f"item {o.index} on {o.host or '-'}: {type(o.error).__name__}: "
+                          f"{_first_line(o.error)}" for o in bad[:3])
+        more = f"; … {len(bad) - 3} more" if len(bad) > 3 else ""
+        super().__init__(f"{len(bad)}/{len(outcomes)} items failed; {first}{more}",
+                         {str(o.index): o.error for o in bad})
+
+
+def _first_line(e: BaseException) -> str:
+    text = e.remote_message if isinstance(e, RemoteError) else \
+        (e.detail if isinstance(e, HostError) else str(e))
+    return (text.splitlines() or [""])[0]
+
+
+def _outcome(i: int, f: Future) -> ItemOutcome:
+    host = getattr(f, "host", None)
+    if f.cancelled():
+        return ItemOutcome(i, host, error=LocalError(f"item {i} was cancelled"))
+    exc = f.exception()
+    return ItemOutcome(i, host, error=exc) if exc is not None else \
+        ItemOutcome(i, host, value=f.result())
+
+
+def imap_unordered(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
+                   timeout: float | None = None, on_output: Output | None = None,
+                   project: str | None = None) -> Iterator[ItemOutcome]:
+    """Run ``fn(item)`` over ``hosts``, yielding each :class:`ItemOutcome` (index, host,
+    value or error) as it completes. Breaking out, or Ctrl-C, stops the rest."""
+    ex = FleetExecutor(hosts, timeout=timeout, on_output=on_output, project=project)
+    futures = {}
+    completed = False
+    try:
+        for i, item in enumerate(items):
+            futures[ex.submit(fn, item)] = i
+        for f in as_completed(futures):
+            yield _outcome(futures[f], f)
+        completed = True
+    finally:
+        if completed:
+            ex.shutdown(wait=True)
+        else:  # the caller stopped early (break, an exception, Ctrl-C): stop the rest
+            ex.stop()
+
+
+def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
+              return_exceptions: bool = False, on_output: Output | None = None,
+              timeout: float | None = None, on_progress: Progress | None = None,
+              progress: bool | None = None, project: str | None = None) -> list[Any]:
+    """``[fn(item) for item in items]``, spread over ``hosts`` (``max_jobs`` at a time each).
+
+    Results come back in input order. A host that cannot be reached (or dies) hands its
+    items to the others; an item whose function raises — or whose call fails in any
+    other way — is an error for that item only. With ``return_exceptions`` errors take
+    the failed items' places (exactly one entry per item); otherwise :class:`MapError`
+    is raised after every item has finished. ``on_progress(done, total)`` is called (in
+    this thread) as items finish; ``progress`` shows a bar (``None``: on a terminal or in
+    a notebook, for 20 items or more). Ctrl-C stops the running calls on their hosts and
+    re-raises.
+
+    Without ``timeout``, items travel in chunks (see the module docstring): tiny items
+    cost microseconds, not a round trip. With ``timeout`` (seconds, per item) every item
+    is its own call.
+    """
+    items = list(items)
+    hosts = list(hosts)
+    output = on_output or default_output(prefix=len(hosts) > 1)
+    scheduler = Scheduler(hosts, on_output=output, timeout=timeout, project=project)
+    results: list[ItemOutcome | None] = [None] * len(items)
+    done_count = [0]
+
+    def finisher(i: int):
+        def done(host: str | None, value: Any, error: BaseException | None) -> None:
+            results[i] = ItemOutcome(i, host, value=value) if error is None else \
+                ItemOutcome(i, host, error=error)
+            with scheduler.cond:
+                done_count[0] += 1
+                scheduler.cond.notify_all()
+        return done
+    if timeout is None:
+        batch = _Batch(fn)
+        works = [_Work(finisher(i), batch=batch, item=item) for i, item in enumerate(items)]
+    else:
+        works = [_Work(finisher(i), blob=dumps_call(fn, item)) for i, item in enumerate(items)]
+    _wait_for(scheduler, works, len(items), done_count, on_progress, progress)
+    if hasattr(output, "flush"):
+        output.flush()
+    outcomes = [r if r is not None else ItemOutcome(i, None, error=scheduler._no_host_error())
+                for i, r in enumerate(results)]
+    if return_exceptions:
+        return [o.value if o.ok else o.error for o in outcomes]
+    if any(not o.ok for o in outcomes):
+        raise MapError(outcomes)
+    return [o.value for o in outcomes]
+
+
+def _wait_for(scheduler: Scheduler, works: list[_Work], total: int, done_count: list[int],
+              on_progress: Progress | None, progress: bool | None) -> None:
+    """Run ``works`` to the end, reporting progress from this thread; Ctrl-C (or any
+    exception here) stops the running calls on their hosts and re-raises."""
+    from ..render import progress_bar  # the bar is rendering: rich only there
+    bar = progress_bar(total, progress)
+    reported = 0
+    try:
+        if works:
+            scheduler.put(works)
+        scheduler.close()
+        while scheduler.alive() or reported != done_count[0]:
+            with scheduler.cond:
+                if done_count[0] == reported and scheduler.alive():
+                    scheduler.cond.wait(0.05)
+                now = done_count[0]
+            if now != reported:
+                reported = now
+                if bar is not None:
+                    bar.update(reported)
+                if on_progress is not None:
+                    on_progress(reported, total)
+    except BaseException:
+        scheduler.cancel.set()  # stops the running calls on their hosts
+        scheduler.join(30)
+        raise
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+# -- the same call on every host -------------------------------------------------------
+def run_on_hosts(hosts: Sequence[Host], blob: bytes, *, on_output: Output | None = None,
+                 max_parallel: int = 32, timeout: float | None = None,
+                 project: str | None = None) -> FanOutResult:
+    """The same pickled call on every host at once → :class:`FanOutResult` of values."""
+    output = on_output or default_output(prefix=len(hosts) > 1)
+    try:
+        return fan_out(hosts, lambda h: call_on_host(h, blob, on_output=output,
+                                                     timeout=timeout, project=project),
+                       max_workers=max_parallel)
+    finally:
+        if hasattr(output, "flush"):
+            output.flush()
+
+
+def save_results(results: FanOutResult, payload: str | os.PathLike[str],
+                 out: str | os.PathLike[str]) -> str:
+    """Write each host's value of a :func:`run_on_hosts` call to
+    ``<out>/<host>/<payload stem>.result.pkl`` (whole or not at all) and a summary of
+    every host (value or error, remote traceback) to ``<out>/<stem>.summary.json``;
+    return the summary's path."""
+    import cloudpickle
+    stem = os.path.basename(os.fspath(payload)).rsplit(".", 1)[0]
+    summary = {"payload": os.path.abspath(payload), "ok": results.ok, "hosts": {}}
+    for name, o in results.items():
+        entry = {"ok": o.ok, "seconds": round(o.seconds, 3), "result": None, "error": None,
+                 "error_type": None, "traceback": None}
+        if o.ok:
+            path = os.path.join(out, name, f"{stem}.result.pkl")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".part", "wb") as f:
+                cloudpickle.dump(o.value, f)
+            os.replace(path + ".part", path)
+            entry.update(result=path, repr=repr(o.value)[:200])
+        else:
+            entry.update(error=str(o.error), error_type=type(o.error).__name__,
+                         traceback=getattr(o.error, "remote_traceback", None))
+        summary["hosts"][name] = entry
+    os.makedirs(out, exist_ok=True)
+    summary_path = os.path.join(out, f"{stem}.summary.json")
+    with open(summary_path + ".part", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(summary_path + ".part", summary_path)
+    return summary_path

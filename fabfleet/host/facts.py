@@ -1,0 +1,228 @@
+"""Facts about a host, gathered in one SSH round trip, parsed by small pure functions.
+
+:mod:`fabfleet.hostside.probe` runs on the host and prints, after a marker line, one JSON
+object of *raw* observations (``/proc/meminfo`` text, the ``nvidia-smi`` CSV,
+``sys.version_info``…). Each :class:`Fact` turns one raw value into a clean one with a
+pure ``parse`` function, tested on recorded outputs without a host. ``top`` adds the
+runner's job list (:func:`fabfleet.hostside.runner.job_status`) in the same round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config.deadlines import QUICK_COMMAND
+from ..config.inventory import Host
+from ..config.settings import layout
+from ..errors import CommandError
+from ..hostside import probe, runner
+from ..ssh import shell
+from ..ssh.exec import execute
+from ..ssh.launch import python_command
+
+MARKER = probe.MARKER
+
+@dataclass(frozen=True)
+class Fact:
+    """One thing we learn about a host: the probe function producing the raw value,
+    and the pure function that parses it."""
+
+    name: str
+    parse: Callable[[Any], Any]
+
+
+def parse_python(raw: dict) -> dict:
+    """``{"version": [3, 11, 2], …}`` → ``{"python": "3.11.2", "implementation": …}``."""
+    major, minor, micro = raw["version"]
+    local = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return {"python": f"{major}.{minor}.{micro}", "python_executable": raw["executable"],
+            "python_implementation": raw["implementation"],
+            "python_matches_local": f"{major}.{minor}" == local and
+            raw["implementation"] == "CPython"}
+
+
+def parse_meminfo(text: str) -> dict:
+    """``/proc/meminfo`` → total and available memory in bytes."""
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    available = values.get("MemAvailable", values.get("MemFree"))
+    return {"mem_total": values.get("MemTotal"), "mem_available": available}
+
+
+def parse_nvidia_smi(raw: dict | None) -> dict:
+    """The CSV of ``nvidia-smi --query-gpu=… --format=csv,noheader,nounits`` → GPU list.
+
+    ``None`` (no nvidia-smi) means no GPUs; a failing nvidia-smi (driver not loaded) is
+    reported in ``gpu_error`` rather than guessed away.
+    """
+    if raw is None:
+        return {"gpus": [], "gpu_error": None}
+    if raw["exit"] != 0:
+        msg = (raw["stderr"] or raw["stdout"]).strip().splitlines()
+        return {"gpus": [], "gpu_error": f"nvidia-smi exited {raw['exit']}: "
+                f"{msg[-1] if msg else ''}".strip()}
+    gpus = []
+    for line in raw["stdout"].splitlines():
+        cols = [c.strip() for c in line.split(",")]
+        if len(cols) < 5:
+            continue
+
+        def num(s: str) -> int | None:
+            return int(float(s)) if s.replace(".", "", 1).isdigit() else None
+        gpus.append({"index": num(cols[0]), "name": cols[1], "memory_total_mib": num(cols[2]),
+                     "memory_used_mib": num(cols[3]), "utilization_pct": num(cols[4]),
+                     "driver": cols[5] if len(cols) > 5 else None})
+    return {"gpus": gpus, "gpu_error": None}
+
+
+def parse_work_dir(raw: dict) -> dict:
+    return {"work_dir": raw["path"], "work_dir_exists": raw["exists"],
+            "work_dir_writable": raw["writable"], "disk_free": raw["free"],
+            "disk_total": raw["total"]}
+
+
+FACTS: Sequence[Fact] = (
+    Fact("python", parse_python),
+    Fact("cloudpickle", lambda v: {"cloudpickle": v}),
+    Fact("packages", lambda v: {"packages": v}),
+    Fact("work_dir", parse_work_dir),
+    Fact("meminfo", parse_meminfo),
+    Fact("cpus", lambda v: {"cpus": v["count"], "cpus_usable": v["usable"]}),
+    Fact("load", lambda v: {"load": [round(x, 2) for x in v]}),
+    Fact("nvidia_smi", parse_nvidia_smi),
+)
+
+
+def probe_command(host: Host, require: Sequence[str] = (), project: str | None = None,
+                  facts: Sequence[str] | None = None) -> str:
+    """The one command that gathers every fact (or only ``facts``): the probe, in the
+    host's env; a failed activation is reported by the probe rather than fatal."""
+    args = {"require": list(require), "work_dir": host.work_dir,
+            "facts": list(facts) if facts is not None else [f.name for f in FACTS]}
+    return python_command(host, probe, [json.dumps(args)], project=project,
+                          report_env_error=True)
+
+
+def parse_probe_output(stdout: str) -> dict:
+    """Probe stdout → raw dict (the JSON after :data:`MARKER`). Raises ``ValueError``."""
+    _, sep, tail = stdout.rpartition(MARKER)
+    if not sep:
+        raise ValueError("no probe marker in output")
+    return json.loads(tail.strip().splitlines()[0])
+
+
+def interpret(host: Host, raw: dict, require: Sequence[str] = ()) -> dict:
+    """Raw probe data → the facts dict of ``check-env --json``, with ``ok``/``error``."""
+    report: dict[str, Any] = {"ok": False, "error": None, "python": None, "warnings": []}
+    if raw.get("python_missing"):
+        report["error"] = (f"{host.name}: Python interpreter {host.python!r} was not found on "
+                           "the host (PATH of a non-interactive SSH shell). Install Python 3 "
+                           "there, or set `python:` in the inventory to its full path.")
+        return report
+    problems = []
+    for fact in FACTS:
+        entry = raw.get(fact.name, {})
+        if "ok" in entry:
+            try:
+                report.update(fact.parse(entry["ok"]))
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                report["warnings"].append(f"could not parse {fact.name}: {exc}")
+        else:
+            report["warnings"].append(f"{fact.name}: {entry.get('error', 'not reported')}")
+    env_err = raw.get("env_error")
+    if env_err:
+        what = f"venv {host.venv}" if host.venv else f"conda env {host.conda_env}"
+        problems.append(f"{what} does not activate ({env_err.strip()}); create it with "
+                        "`inv setup-workdir` or fix `venv`/`conda_env` in the inventory")
+    if report.get("work_dir_writable") is False:
+        problems.append(f"work dir {report.get('work_dir')} is not writable; fix its "
+                        "permissions or set `work_dir` in the inventory")
+    missing = [name for name, version in (report.get("packages") or {}).items() if not version]
+    if missing:
+        problems.append(f"required packages missing: {', '.join(missing)} (install them in the "
+                        "host's env, e.g. `inv setup-workdir --requirements requirements.txt`)")
+    if report.get("python") and not report.get("python_matches_local"):
+        local = f"{sys.version_info.major}.{sys.version_info.minor}"
+        report["warnings"].append(
+            f"remote Python {report['python']} ({report.get('python_implementation')}) is not "
+            f"CPython {local} like this machine: scripts run, pickled payloads will be refused")
+    if report.get("gpu_error"):
+        report["warnings"].append(report["gpu_error"])
+    report["ok"] = not problems
+    if problems:
+        report["error"] = f"{host.name}: " + "; ".join(problems) + "."
+    return report
+
+
+def _raw_facts(c, command: str, action: str) -> tuple[dict, str]:
+    """Run a probe command; its raw facts (``{"python_missing": True}`` when the
+    interpreter is not there) and its whole stdout."""
+    host: Host = c.fleet_host
+    result = execute(c, command, timeout=QUICK_COMMAND, action=action)
+    if result.exit_code == 127 and f"{shell.ERR} python" in result.stderr:
+        return {"python_missing": True}, result.stdout
+    try:
+        return parse_probe_output(result.stdout), result.stdout
+    except ValueError:
+        raise CommandError(
+            host.name,
+            f"the environment probe with {host.python!r} exited {result.exit_code} without a "
+            f"report: {(result.stderr or result.stdout).strip()[-500:]}. Check that "
+            f"`{host.python}` is a working Python 3 on the host.",
+            exit_code=result.exit_code, stderr=result.stderr) from None
+
+
+def check_env(c, *, require: Sequence[str] = (), project: str | None = None) -> dict:
+    """Gather and judge the facts of the host behind connection ``c`` (one round trip).
+
+    Returns the per-host dict of ``check-env --json`` (``ok``, ``error``, ``python``, …).
+    Connection errors raise :class:`~fabfleet.errors.HostError`; callers that want them as
+    ``ok: false`` entries use :func:`fabfleet.fleet.checks.check_hosts`.
+    """
+    host: Host = c.fleet_host
+    raw, _ = _raw_facts(c, probe_command(host, require, project),
+                        f"run the environment probe with {host.python}")
+    return interpret(host, raw, require)
+
+
+# -- top: a live snapshot of load, memory, disk, GPUs and jobs ------------------------------
+TOP_FACTS = ("load", "cpus", "meminfo", "work_dir", "nvidia_smi")
+
+
+def parse_top(raw: dict, jobs: list[dict]) -> dict:
+    """Probe output (``TOP_FACTS``) and the runner's job list → ``top --json``'s
+    per-host entry (pure); ``jobs`` keeps the running ones."""
+    out: dict[str, Any] = {"ok": True, "error": None}
+    for fact in FACTS:
+        if fact.name in TOP_FACTS and "ok" in raw.get(fact.name, {}):
+            out.update(fact.parse(raw[fact.name]["ok"]))
+    out["jobs"] = [{"run_id": j["run_id"], "project": j["project"], "command": j["command"]}
+                   for j in jobs if j.get("status") == "running"]
+    for key in ("work_dir_exists", "work_dir_writable", "cpus_usable", "gpu_error"):
+        out.pop(key, None)
+    return out
+
+
+def top_snapshot(c) -> dict:
+    """One round trip: load, CPUs, memory, disk (work dir), each GPU's utilization and
+    memory (the probe), and the running fabfleet jobs (the runner's job status, the same
+    function ``jobs`` uses), of the host behind ``c``."""
+    host: Host = c.fleet_host
+    jobs_spec = {"runs_root": layout(host, "")["all_runs"], "project": None}
+    command = probe_command(host, facts=TOP_FACTS) + " ; " + python_command(
+        host, runner, ["jobs", json.dumps(jobs_spec)])
+    raw, stdout = _raw_facts(c, command, "read the host's load")
+    if raw.get("python_missing"):
+        raise CommandError(host.name, f"Python interpreter {host.python!r} was not found "
+                           "on the host")
+    _, sep, rest = stdout.partition(runner.REPORT)
+    jobs = json.loads(rest.splitlines()[0]) if sep else []
+    return parse_top(raw, jobs)

@@ -1,0 +1,198 @@
+"""Long jobs that outlive the laptop: start detached, list, follow, kill.
+
+A detached job is started by :mod:`fabfleet.hostside.runner` as a daemon on the host (own session,
+no terminal, stdin from /dev/null, output to files in its run dir, hang-ups ignored).
+The run dir is the durable registry: ``job.json`` (run id, project, argv, pid, process
+group, the process's start time from /proc, boot id, start time), written atomically,
+then ``exit_code`` when it ends, and ``killed`` when :meth:`Job.kill` stopped it. Any
+process can re-create a :class:`Job` from a host and a run id.
+
+Status: ``running``; ``exited`` (with its code); ``killed``; ``lost`` — the process is
+gone without an exit code, or the host rebooted (its boot id changed).
+"""
+
+from __future__ import annotations
+
+import json
+import signal as _signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config.deadlines import QUICK_COMMAND
+from ..config.inventory import Host
+from ..config.settings import layout
+from ..errors import CommandError, ConnectError, LocalError
+from ..hostside import runner
+from ..ssh.connect import connect
+from ..ssh.exec import execute
+from ..ssh.launch import python_command
+from .runspec import RunnerStderr, run_spec
+from .slots import host_slots
+
+SIGNALS = ("TERM", "INT", "HUP", "KILL", "QUIT", "USR1", "USR2")
+
+
+def _remote(c, command: str, spec: dict, *, action: str, timeout: float | None = QUICK_COMMAND,
+            on_stdout: Callable[[bytes], None] | None = None,
+            project: str | None = None) -> tuple[dict | list, str]:
+    """Run a runner sub-command on the host (in ``project``'s env); its report and its
+    raw stdout."""
+    host: Host = c.fleet_host
+    stderr = RunnerStderr(None)
+    out = bytearray()
+
+    def keep(data: bytes) -> None:
+        if on_stdout is not None:
+            on_stdout(data)
+        else:
+            out.extend(data)
+    result = execute(c, python_command(host, runner, [command, json.dumps(spec)],
+                                       project=project),
+                     timeout=timeout, keep=False, on_stdout=keep, on_stderr=stderr, action=action)
+    text = bytes(out).decode("utf-8", "replace")
+    _, sep, rest = text.partition(runner.REPORT)  # most commands report on stdout
+    report = json.loads(rest.splitlines()[0]) if sep else stderr.report()
+    if report is None:
+        marker = stderr.marker.decode("utf-8", "replace")
+        message = marker.split(runner.ERROR.strip("\x1e"), 1)[-1].strip() or \
+            stderr.tail.decode("utf-8", "replace").strip()[-500:]
+        raise CommandError(host.name, f"could not {action}: {message or 'no answer'} "
+                           f"(exit {result.exit_code})", exit_code=result.exit_code)
+    return report, text
+
+
+class Job:
+    """A detached run on one host, by run id; re-creatable in any process."""
+
+    def __init__(self, host: Host, run_id: str, record: dict | None = None) -> None:
+        self.host = host
+        self.run_id = run_id
+        self.record = record or {}
+
+    def __repr__(self) -> str:
+        return f"<Job {self.run_id} on {self.host.name}>"
+
+    def _conn(self):
+        return connect(self.host)
+
+    def _spec(self, **extra: Any) -> dict:
+        return {"runs_root": layout(self.host, "")["all_runs"], "run_id": self.run_id,
+                **extra}
+
+    def status(self) -> dict:
+        """``{"run_id", "status", "exit_code", "command", "age", …}`` from the host."""
+        with self._conn() as c:
+            report, _ = _remote(c, "jobs", {"runs_root": layout(self.host, "")["all_runs"]},
+                                action="list jobs")
+        for entry in report:
+            if entry["run_id"] == self.run_id:
+                return entry
+        raise CommandError(self.host.name, f"no run {self.run_id} on this host (`fabfleet "
+                           "jobs --all-projects` lists them)")
+
+    def wait(self, timeout: float | None = None, poll: float = 2.0) -> dict:
+        """Poll until the job is no longer running; its final status. Raises
+        :class:`~fabfleet.errors.CommandError` if ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            state = self.status()
+            if state["status"] != "running":
+                return state
+            if deadline is not None and time.monotonic() > deadline:
+                raise CommandError(self.host.name, f"job {self.run_id} still running after "
+                                   f"{timeout:g}s")
+            time.sleep(poll)
+
+    def logs(self, *, stream: str = "stdout", follow: bool = False,
+             on_output: Callable[[bytes], None] | None = None, offset: int = 0,
+             reconnect_for: float = 600.0) -> dict:
+        """The job's output from byte ``offset`` to ``on_output`` (default: returned in
+        ``["data"]``); with ``follow``, until the job ends. A dropped connection (laptop
+        sleep, network change) is retried for ``reconnect_for`` seconds and resumes at
+        the byte where it stopped. Returns the final status (with ``offset``)."""
+        if stream not in ("stdout", "stderr"):
+            raise LocalError(f"stream {stream!r}: expected stdout or stderr")
+        chunks: list[bytes] = []
+        sink = on_output or chunks.append
+        got = [offset]
+
+        def take(data: bytes) -> None:
+            got[0] += len(data)
+            sink(data)
+        lost_since = None
+        while True:
+            try:
+                with self._conn() as c:
+                    report, _ = _remote(c, "logs", self._spec(stream=stream, offset=got[0],
+                                                              follow=follow),
+                                        action=f"read the output of {self.run_id}",
+                                        timeout=None, on_stdout=take)
+                break
+            except ConnectError:
+                if not follow:
+                    raise
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > reconnect_for:
+                    raise
+                time.sleep(2)
+        if on_output is None:
+            report["data"] = b"".join(chunks)
+        return report
+
+    def kill(self, signal: str = "TERM", grace: float = 5.0) -> dict:
+        """Signal the job's whole process group (after checking it is still the process
+        that was started: pid + start time + boot id), SIGKILL after ``grace`` seconds;
+        records ``killed``. Returns the status after."""
+        name = signal.upper().removeprefix("SIG")
+        if name not in SIGNALS:
+            raise LocalError(f"signal {signal!r}: expected one of {', '.join(SIGNALS)}")
+        with self._conn() as c:
+            report, _ = _remote(c, "kill", self._spec(signal=f"SIG{name}", grace=grace),
+                                action=f"kill job {self.run_id}",
+                                timeout=grace + QUICK_COMMAND)
+        return report
+
+
+def list_jobs(c, project: str | None = None) -> list[dict]:
+    """Every run of ``project`` (``None``: every project) on the host behind ``c``, in
+    one round trip: run id, project, status, exit code, command, age, …"""
+    spec = {"runs_root": layout(c.fleet_host, "")["all_runs"], "project": project}
+    report, _ = _remote(c, "jobs", spec, action="list jobs")
+    return report
+
+
+def start_job(c, script: str | Path, args: Sequence[str] = (), *, project: str | None = None,
+              script_in_project: str | None = None, cwd: str = "", run_id: str | None = None,
+              timeout: float | None = None, keep_children: bool = False,
+              env_file: str | None = None, tag: str | None = None) -> Job:
+    """Start ``script`` as a detached job and return as soon as it runs (see the module
+    docstring). ``env_file``: a remote JSON file of environment variables the job gets
+    (read, then deleted: secrets never appear on a command line)."""
+    host: Host = c.fleet_host
+    spec, lay, run_id, run_dir, project = run_spec(c, Path(script), args, project=project,
+                                                   script_in_project=script_in_project,
+                                                   cwd=cwd, run_id=run_id)
+    spec.update(detach=True, keep_children=keep_children, tag=tag)
+    if timeout is not None:
+        spec["timeout"] = timeout
+    if env_file is not None:
+        spec["env_file"] = env_file
+    with host_slots(host):  # starting it counts against max_jobs, like a run or a call
+        report, _ = _remote(c, "run", spec, action=f"start {Path(script).name} as a job in "
+                            f"{lay['project']}", timeout=QUICK_COMMAND, project=project)
+    return Job(host, run_id, report)
+
+
+def parse_signal(name: str) -> str:
+    """``term``/``SIGTERM``/``15`` → ``TERM`` (pure; raises LocalError)."""
+    text = name.strip().upper().removeprefix("SIG")
+    if text.isdigit():
+        try:
+            text = _signal.Signals(int(text)).name.removeprefix("SIG")
+        except ValueError:
+            pass
+    if text not in SIGNALS:
+        raise LocalError(f"--signal {name!r}: expected one of {', '.join(SIGNALS)}")
+    return text

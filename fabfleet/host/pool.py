@@ -1,0 +1,505 @@
+"""Pooled remote Python workers: one SSH connection per host, up to ``max_jobs`` workers.
+
+A worker is :mod:`fabfleet.hostside.worker`'s source, run by the host's Python inside its
+env (:func:`fabfleet.ssh.launch.python_command`) on one SSH channel; a warm call costs one channel round trip. This module starts workers,
+hands calls to them and turns everything that can go wrong into errors naming the host:
+
+* **deadlines**: ``timeout=`` interrupts the function on the host, waits
+  :data:`INTERRUPT_GRACE` seconds for it to stop (the worker kills it after that), then
+  raises :class:`~fabfleet.errors.DeadlineError`;
+* **interrupts**: KeyboardInterrupt here (Ctrl-C, a notebook's interrupt) interrupts the
+  function there too and is re-raised once it stopped; a second one abandons the worker,
+  which then dies with its channel;
+* **liveness**: while calls are in flight, the connection's watchdog
+  (:mod:`fabfleet.ssh.liveness`) probes it; a host that does not answer within its
+  ``connect_timeout`` has its connection closed and its calls fail with
+  :class:`~fabfleet.errors.ConnectError` — so a frozen host fails a call within
+  ``KEEPALIVE_INTERVAL + connect_timeout`` seconds (plus the poll step), never hangs it;
+* **slots**: a call holds one of the host's ``max_jobs`` slots (:mod:`fabfleet.host.slots`,
+  shared with runs and jobs) while it runs;
+* **integrity**: every frame carries its call's id; a frame of another call is a loud
+  protocol error and the worker is discarded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import io
+import json
+import pickle
+import select
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from ..config.deadlines import INTERRUPT_GRACE, deadlines
+from ..config.inventory import Host
+from ..config.settings import resolve_project
+from ..errors import (CommandError, ConnectError, DeadlineError, HostError, LocalError,
+                      PythonMismatchError, RemoteError, TransferError, host_errors)
+from ..hostside import worker as proto
+from ..ssh.connect import connect
+from ..ssh.exec import send_all
+from ..ssh.launch import python_command
+from ..ssh.liveness import watchdog
+from ..ssh.output import PrefixedOutput
+from .slots import host_slots
+
+Output = Callable[[str, str, bytes], None]  # (host, "stdout"|"stderr", data)
+
+POLL = 0.1                # how often a waiting call looks at deadlines and cancellation
+
+
+class WorkerDied(Exception):
+    """The worker's channel ended (internal; becomes a HostError for the caller).
+
+    ``kind`` is ``python`` (interpreter missing), ``env`` (env did not activate),
+    ``lost`` (connection gone) or ``died`` (the process ended).
+    """
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass
+class Hello:
+    python: tuple[int, int, int]
+    implementation: str
+    executable: str
+    pid: int
+    cloudpickle: str
+
+
+@functools.lru_cache(maxsize=1)
+def cloudpickle_zip() -> bytes:
+    """The local cloudpickle package as a zip (sent to hosts without the same version)."""
+    pkg = Path(cloudpickle.__file__).parent
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(pkg.glob("*.py")):
+            z.write(f, f"cloudpickle/{f.name}")
+    return out.getvalue()
+
+
+class Worker:
+    """One remote interpreter on one channel; one call at a time."""
+
+    def __init__(self, c, timeout: float, project: str | None = None) -> None:
+        self.c = c
+        self.host: Host = c.fleet_host
+        self.buf = bytearray()
+        self.stderr_tail = bytearray()
+        self.on_output: Output | None = None
+        self.callback_error: BaseException | None = None
+        self.next_id = 0
+        self.defined: set[int] = set()  # ids of the functions this worker keeps for chunks
+        self.acked = False
+        self.healthy = True  # False once its state is unknown: never reuse it then
+        with host_errors(self.host.name, f"start a Python worker with {self.host.python}"):
+            c.open()
+            self.chan = c.client.get_transport().open_session(timeout=timeout)
+            cache = f"~/.cache/fabfleet/cloudpickle-{cloudpickle.__version__}"
+            # The same env as runs: env vars, venv/conda env or the project's venv.
+            self.chan.exec_command(python_command(
+                self.host, proto, [cloudpickle.__version__, cache, "fabfleet-worker"],
+                project=project, unbuffered=True))
+        deadline = time.monotonic() + timeout
+        kind, _, data = self._frame_before(deadline)
+        if kind == proto.NEED:
+            self._send(proto.ZIP, 0, cloudpickle_zip())
+            kind, _, data = self._frame_before(deadline)
+        if kind != proto.HELLO:
+            raise CommandError(self.host.name, f"the worker sent {kind!r} instead of hello")
+        info = json.loads(data)
+        self.hello = Hello(tuple(info["python"]), info["implementation"], info["executable"],
+                           info["pid"], info["cloudpickle"])
+
+    @property
+    def alive(self) -> bool:
+        return self.healthy and not self.chan.closed and self.chan.get_transport().is_active()
+
+    # -- frames ----------------------------------------------------------------------
+    def _send(self, kind: bytes, call_id: int, data: bytes = b"") -> None:
+        with host_errors(self.host.name, "send data to the worker"):
+            # One packet for header and small data; big data in 1 MiB slices (paramiko's
+            # sendall re-slices the rest after every 32 KiB packet: quadratic).
+            head = proto.HEADER.pack(kind, call_id, len(data))
+            if len(data) < 65536:
+                self.chan.sendall(head + data)
+                return
+            self.chan.sendall(head)
+            send_all(self.chan, data)
+
+    def _emit(self, stream: str, data: bytes) -> None:
+        if self.on_output is None:
+            return
+        try:
+            self.on_output(self.host.name, stream, data)
+        except Exception as exc:  # noqa: BLE001 - reported after the call, never mid-frame
+            self.callback_error = self.callback_error or exc
+
+    def _drain_stderr(self) -> None:
+        while self.chan.recv_stderr_ready():
+            data = self.chan.recv_stderr(1 << 16)
+            self.stderr_tail.extend(data)
+            del self.stderr_tail[:-8192]
+            self._emit("stderr", data)
+
+    def _poll_frame(self, wait: float) -> tuple[bytes, int, bytes] | None:
+        """The next complete frame, or ``None`` if none arrived within ``wait`` seconds.
+        Raises :class:`WorkerDied` when the channel ends."""
+        chan = self.chan
+        until = time.monotonic() + wait
+        while True:
+            if len(self.buf) >= proto.HEADER.size:
+                kind, call_id, n = proto.HEADER.unpack_from(self.buf)
+                end = proto.HEADER.size + n
+                if len(self.buf) >= end:
+                    data = bytes(self.buf[proto.HEADER.size:end])
+                    del self.buf[:end]
+                    return kind, call_id, data
+            self._drain_stderr()
+            if chan.recv_ready():
+                with host_errors(self.host.name, "read from the worker"):
+                    self.buf.extend(chan.recv(1 << 20))
+                continue
+            if chan.closed or chan.eof_received or not chan.get_transport().is_active():
+                self._drain_stderr()
+                self.healthy = False
+                raise WorkerDied(*self._death_reason())
+            left = until - time.monotonic()
+            if left <= 0:
+                return None
+            select.select([chan], [], [], min(left, POLL))
+
+    def _frame_before(self, deadline: float) -> tuple[bytes, int, bytes]:
+        while True:
+            frame = self._poll_frame(POLL * 5)
+            if frame is not None:
+                return frame
+            if time.monotonic() > deadline:
+                self.healthy = False
+                raise CommandError(self.host.name, "the Python worker did not start in time; "
+                                   "the host may be overloaded")
+
+    def _death_reason(self) -> tuple[str, str]:
+        # OpenSSH sends EOF, then exit-status, then close: give the status a moment.
+        self.chan.status_event.wait(2)
+        self._drain_stderr()
+        code = self.chan.exit_status
+        tail = self.stderr_tail.decode("utf-8", "replace").strip()
+        if code == 127 or "fabfleet-error: python" in tail:
+            return "python", f"Python interpreter {self.host.python!r} was not found on the host"
+        if code == 97:
+            return "env", f"the host's environment did not activate: {tail[-500:]}"
+        if not self.chan.get_transport().is_active():
+            return "lost", "the connection was lost (the host went down or dropped the session)"
+        how = f"exited with code {code}" if code != -1 else "was killed by a signal"
+        return "died", f"the Python worker {how}" + (f": {tail[-800:]}" if tail else "")
+
+    # -- a call ----------------------------------------------------------------------
+    def call(self, blob: bytes, on_output: Output | None, *, timeout: float | None = None,
+             cancel: threading.Event | None = None, kind: bytes = proto.CALL,
+             define: tuple[int, bytes] | None = None) -> Any:
+        """Run one pickled call (or, with ``kind=CHUNK``, a map chunk whose function
+        ``define`` = ``(id, pickle)`` is sent first unless this worker has it); see the
+        module docstring for deadlines and interrupts."""
+        self.on_output = on_output
+        self.callback_error = None
+        self.stderr_tail.clear()
+        self.acked = False
+        self.next_id += 1
+        cid = self.next_id
+        if define is not None and define[0] not in self.defined:
+            self._send(proto.DEFINE, define[0], define[1])  # no reply: pipelined with the call
+            self.defined.add(define[0])
+        self._send(kind, cid, blob)
+        deadline = time.monotonic() + timeout if timeout else None
+        stopping: str | None = None   # why we interrupted: "keyboard" | "timeout" | "cancel"
+        give_up = 0.0
+        while True:
+            try:
+                try:
+                    frame = self._poll_frame(POLL)
+                except WorkerDied:
+                    if stopping:
+                        self._raise_stopped(stopping, timeout)
+                    raise
+            except KeyboardInterrupt:
+                if stopping == "keyboard":  # a second Ctrl-C: do not wait any longer
+                    self.healthy = False
+                    self.close()
+                    raise
+                stopping, give_up = "keyboard", self._interrupt(cid)
+                continue
+            now = time.monotonic()
+            if frame is None:
+                if stopping is None:
+                    if cancel is not None and cancel.is_set():
+                        stopping, give_up = "cancel", self._interrupt(cid)
+                    elif deadline is not None and now > deadline:
+                        stopping, give_up = "timeout", self._interrupt(cid)
+                elif now > give_up:  # the worker should have killed itself by now
+                    self.healthy = False
+                    self.close()
+                    self._raise_stopped(stopping, timeout)
+                continue
+            kind, fid, data = frame
+            if fid != cid:
+                self.healthy = False
+                raise CommandError(self.host.name, f"protocol error: a {kind!r} frame of call "
+                                   f"{fid} arrived during call {cid} (a forked child or a "
+                                   "stray write?). The worker was discarded; call again.")
+            if kind == proto.ACK:
+                self.acked = True
+            elif kind in (proto.STDOUT, proto.STDERR):
+                self._emit("stdout" if kind == proto.STDOUT else "stderr", data)
+            elif kind in (proto.VALUE, proto.ERROR):
+                self._drain_stderr()
+                if stopping:
+                    self._raise_stopped(stopping, timeout)
+                if self.callback_error is not None:
+                    raise LocalError(f"{self.host.name}: the output callback raised "
+                                     f"{type(self.callback_error).__name__}: "
+                                     f"{self.callback_error}; the call finished on the host "
+                                     "but its value was dropped.") from self.callback_error
+                if kind == proto.ERROR:
+                    raise remote_error(self.host.name, json.loads(data))
+                try:
+                    return pickle.loads(data)
+                except Exception as exc:  # noqa: BLE001 - any unpickling failure
+                    raise TransferError(self.host.name, "the function's value came back but "
+                                        f"does not unpickle here: {type(exc).__name__}: {exc}. "
+                                        "Return plain data (numbers, str, lists, dicts, "
+                                        "arrays) or make its classes importable locally.") \
+                        from exc
+            else:
+                self.healthy = False
+                raise CommandError(self.host.name, f"protocol error: unexpected frame {kind!r}")
+
+    def _interrupt(self, cid: int) -> float:
+        """Ask the worker to interrupt call ``cid``; the time to stop waiting for it."""
+        try:
+            self._send(proto.INTERRUPT, cid, str(INTERRUPT_GRACE).encode())
+        except HostError:
+            self.healthy = False
+        return time.monotonic() + INTERRUPT_GRACE + 2
+
+    def _raise_stopped(self, why: str, timeout: float | None):
+        if why == "keyboard":
+            raise KeyboardInterrupt
+        if why == "cancel":
+            raise CommandError(self.host.name, "the call was cancelled and stopped on the host")
+        raise DeadlineError(self.host.name, f"the function did not finish within {timeout:g}s; "
+                            "it was stopped on the host. Raise `timeout=` if it needs longer.")
+
+    def close(self) -> None:
+        """Close the channel: the worker sees end of input and kills what it started."""
+        self.healthy = False
+        try:
+            self.chan.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def check_python(host: Host, hello: Hello) -> None:
+    """Refuse a host whose Python cannot load our pickles (before any call is sent)."""
+    local = sys.version_info[:2]
+    here = sys.implementation.name
+    impl = "CPython" if here == "cpython" else here
+    if tuple(hello.python[:2]) != local or hello.implementation != impl:
+        remote_v = ".".join(map(str, hello.python))
+        raise PythonMismatchError(
+            host.name,
+            f"refusing to send a pickled function: the host's {host.python} is "
+            f"{hello.implementation} {remote_v}, this machine runs {impl} "
+            f"{local[0]}.{local[1]}. Pickled code only loads on the same major.minor. Set "
+            f"`python:` for {host.name} to a {impl} {local[0]}.{local[1]} interpreter (or a "
+            f"venv/conda env with one), or run locally with that version. Nothing was sent.")
+
+
+class HostPool:
+    """One connection and up to ``max_jobs`` workers for one host (and project)."""
+
+    def __init__(self, host: Host, project: str | None = None) -> None:
+        self.host = host
+        self.project = project
+        self.conn = None
+        self.idle: list[Worker] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def connection(self):
+        with self.lock:
+            if self.conn is None or not self.conn.is_connected:
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = connect(self.host)
+                with host_errors(self.host.name, "connect"):
+                    self.conn.open()
+            return self.conn
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why the connection was closed, when the watchdog closed it (a frozen host)."""
+        conn = self.conn
+        dog = getattr(conn, "_fabfleet_watchdog", None) if conn is not None else None
+        return dog.fired if dog is not None else None
+
+    def take(self) -> Worker:
+        with self.lock:
+            while self.idle:
+                w = self.idle.pop()
+                if w.alive:
+                    return w
+                w.close()
+        w = Worker(self.connection(), timeout=deadlines(self.host).worker_start,
+                   project=self.project)
+        try:
+            check_python(self.host, w.hello)
+        except PythonMismatchError:
+            w.close()
+            raise
+        return w
+
+    def give_back(self, w: Worker) -> None:
+        if not w.alive:
+            w.close()
+            return
+        with self.lock:
+            self.idle.append(w)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for w in self.idle:
+                w.close()
+            self.idle.clear()
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+
+
+_pools: dict[tuple[str, str, str | None], HostPool] = {}
+_pools_lock = threading.Lock()
+
+
+def pool_for(host: Host, project: str | None = None) -> HostPool:
+    """The pool for ``host`` and ``project`` (default: the current directory's project,
+    from :func:`~fabfleet.config.settings.resolve_project`), whose venv workers activate."""
+    project = project or resolve_project().name
+    key = (host.name, repr(host), project)
+    pool = _pools.get(key)
+    if pool is None or pool.closed:
+        with _pools_lock:
+            pool = _pools.get(key)
+            if pool is None or pool.closed:
+                pool = _pools[key] = HostPool(host, project)
+    return pool
+
+
+@atexit.register
+def close_workers() -> None:
+    """Stop every worker and close every connection this process opened for payloads."""
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for p in pools:
+        p.close()
+
+
+def default_output(prefix: bool) -> Output:
+    return PrefixedOutput(prefix)
+
+
+def call_on_host(host: Host, blob: bytes, *, on_output: Output | None = None,
+                 timeout: float | None = None, cancel: threading.Event | None = None,
+                 kind: bytes = proto.CALL, define: tuple[int, bytes] | None = None,
+                 project: str | None = None) -> Any:
+    """Run a pickled call (:func:`fabfleet.host.payload.dumps_call`) on ``host``, pooled.
+
+    A worker found dead, or dying before it took the call, is replaced once,
+    transparently; one that dies *during* the call is reported (the call may have had
+    effects), and the next call starts a fresh one. ``timeout`` and ``cancel`` (an
+    Event) stop the function on the host; see the module docstring.
+    """
+    pool = pool_for(host, project)
+    on_output = on_output or default_output(prefix=False)
+    with host_slots(host):
+        for attempt in (1, 2):
+            try:
+                w = pool.take()
+            except WorkerDied as exc:
+                if attempt == 1 and exc.kind == "died":
+                    continue  # a worker that died while starting: one more try
+                raise worker_error(host, exc, pool) from None
+            try:
+                with watchdog(w.c).busy():
+                    value = w.call(blob, on_output, timeout=timeout, cancel=cancel,
+                                   kind=kind, define=define)
+            except WorkerDied as exc:
+                w.close()
+                if attempt == 1 and exc.kind == "died" and not w.acked:
+                    continue  # it died before taking the call: replace it, once
+                raise worker_error(host, exc, pool) from None
+            except BaseException:
+                pool.give_back(w) if w.healthy else w.close()
+                raise
+            pool.give_back(w)
+            return value
+    raise AssertionError("unreachable")
+
+
+def remote_error(host: str, info: dict) -> RemoteError:
+    """The worker's error report → :class:`RemoteError`, its traceback completed with the
+    source lines this machine has and the host has not (functions sent by value: a
+    notebook cell, a project module), as a local traceback shows them."""
+    return RemoteError(host, info["type"], info["message"],
+                       with_local_source(info["traceback"]))
+
+
+def with_local_source(text: str) -> str:
+    """Add, under each ``File "…", line N`` of ``text`` that has no source line, the
+    line from the local file (``linecache``, which also knows notebook cells)."""
+    import linecache
+    lines = text.splitlines()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        stripped = line.strip()
+        if not stripped.startswith('File "') or ", line " not in stripped:
+            continue
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if nxt.startswith("    "):
+            continue  # the host had the source
+        try:
+            name = stripped[6:stripped.index('", line ')]
+            lineno = int(stripped.split(", line ", 1)[1].split(",", 1)[0])
+        except ValueError:
+            continue
+        source_line = linecache.getline(name, lineno).strip()
+        if source_line:
+            out.append(f"    {source_line}")
+    return "\n".join(out) + ("\n" if text.endswith("\n") else "")
+
+
+def worker_error(host: Host, exc: WorkerDied, pool: HostPool | None = None) -> HostError:
+    if exc.kind == "lost":
+        reason = (pool.dead_reason if pool is not None else None) or exc.reason
+        return ConnectError(host.name, f"{reason} while running a pickled function; "
+                            "check the host and call again.")
+    if exc.kind in ("python", "env"):
+        return CommandError(host.name, f"{exc.reason}. Install Python 3 there, or fix "
+                            "`python:` / `venv` / `conda_env` in the inventory.")
+    return CommandError(host.name, f"{exc.reason} while running a pickled function (out of "
+                        "memory? killed?). The next call starts a fresh worker.")

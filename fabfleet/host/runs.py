@@ -1,0 +1,163 @@
+"""Script runs on one host: attached (output streamed), stopped on Ctrl-C.
+
+Remote layout, under each host's ``work_dir`` (mode 0700; see :mod:`fabfleet.config.settings`)::
+
+    <work_dir>/<project>/                 the pushed project; scripts run in it
+    <work_dir>/.runs/<project>/<run id>/  one per run: stdout, stderr, exit_code,
+                                          timing.json, command.json, pid (and the
+                                          script, when it travelled alone)
+    <work_dir>/.venvs/<project>/          made by setup-workdir --requirements
+
+A run is one SSH channel: the stdlib-only runner (:mod:`fabfleet.hostside.runner`, sent as
+source) starts the script in its own process group, tees its output to the run dir and
+to us as it arrives, enforces ``timeout`` there (so the script stops even if we are
+gone), stops leftover processes when the script exits, and reports what it could not do.
+Ctrl-C locally sends SIGTERM (then SIGKILL) to that group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.deadlines import QUICK_COMMAND, RUN_BACKSTOP, STOP_GRACE
+from ..config.inventory import Host
+from ..config.settings import layout
+from ..errors import CommandError, FleetError
+from ..hostside import runner
+from ..ssh import shell
+from ..ssh.connect import connect
+from ..ssh.exec import execute
+from ..ssh.launch import python_command
+from .runspec import RunnerStderr, run_spec
+from .slots import host_slots
+
+_ERR = shell.ERR
+
+
+# -- runs ------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    host: str
+    run_id: str
+    run_dir: str
+    exit_code: int
+    seconds: float
+    stderr_tail: str = ""
+    stopped: str | None = None     # "timeout" or "signal" when the run was stopped
+    notes: tuple[str, ...] = ()    # what the runner could not do, or did on its own
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+_active_lock = threading.Lock()
+_active: dict[tuple[str, str], object] = {}  # (host, run_dir) -> connection
+
+
+def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
+               project: str | None = None, script_in_project: str | None = None,
+               cwd: str = "", run_id: str | None = None,
+               on_stdout: Callable[[bytes], None] | None = None,
+               on_stderr: Callable[[bytes], None] | None = None,
+               timeout: float | None = None, keep_children: bool = False) -> RunResult:
+    """Run a Python script on the host with its Python, env and ``env`` vars.
+
+    The script runs in ``<work_dir>/<project>/<cwd>`` (``project`` defaults to the local
+    script's directory name; ``cwd`` is relative to it). ``script_in_project`` (a posix
+    path relative to the project) runs a pushed file; otherwise the local ``script`` is
+    sent with the run. Output reaches ``on_stdout``/``on_stderr`` as it is produced; the
+    exit code is returned, not raised. ``timeout`` stops the script's whole process group
+    on the host (exit code 124, ``.stopped == "timeout"``); processes the script leaves
+    behind are stopped when it exits unless ``keep_children``.
+    """
+    host: Host = c.fleet_host
+    script = Path(script)
+    spec, lay, run_id, run_dir, project = run_spec(c, script, args, project=project,
+                                                   script_in_project=script_in_project,
+                                                   cwd=cwd, run_id=run_id)
+    if timeout is not None:
+        spec["timeout"] = timeout
+    spec["keep_children"] = keep_children
+    command = python_command(host, runner, ["run", json.dumps(spec)], project=project)
+    stderr = RunnerStderr(on_stderr)
+    key = (host.name, run_dir)
+    with host_slots(host):
+        with _active_lock:
+            _active[key] = c
+        try:
+            # The runner enforces `timeout` on the host; ours is only a backstop.
+            result = execute(c, command, keep=False, on_stdout=on_stdout, on_stderr=stderr,
+                             timeout=None if timeout is None else timeout + RUN_BACKSTOP,
+                             action=f"run {script.name} in {lay['project']}")
+        finally:
+            with _active_lock:
+                _active.pop(key, None)
+    code = result.exit_code
+    marker = stderr.marker.decode("utf-8", "replace")
+    stderr_tail = stderr.tail.decode("utf-8", "replace") + marker
+    report = stderr.report()
+    if _ERR + " python" in stderr_tail and code == 127:
+        raise CommandError(host.name, f"Python interpreter {host.python!r} was not found on "
+                           "the host. Install Python 3 there, or set `python:` in the "
+                           "inventory to its full path.", exit_code=code, stderr=stderr_tail)
+    if _ERR + " env" in stderr_tail and code == 97:
+        raise CommandError(host.name, f"the host's environment did not activate: "
+                           f"{stderr_tail.replace(_ERR + ' env', '').strip()}. Fix `venv` / "
+                           "`conda_env` in the inventory or run `fabfleet setup-workdir`.",
+                           exit_code=code, stderr=stderr_tail)
+    if code == runner.SCRIPT_MISSING and "script:" in marker:
+        raise CommandError(host.name, f"{script_in_project} is not in {lay['project']} on the "
+                           "host: push the project first (`fabfleet push`), or run without "
+                           "--no-push.", exit_code=code, stderr=stderr_tail)
+    if code == runner.RUNNER_FAILED and marker:
+        message = marker.split(runner.ERROR.strip("\x1e"), 1)[-1].strip()
+        full = "full" in message.lower() or "No space" in message
+        raise CommandError(host.name, f"the run could not start: {message}. "
+                           + ("The host's disk is full: free space there, or point "
+                              "`work_dir` at a bigger disk." if full else
+                              "Check that `work_dir` in the inventory is writable."),
+                           exit_code=code, stderr=stderr_tail)
+    if report is None and code != 0 and not (_ERR in stderr_tail):
+        # No report: the runner itself died (killed, out of memory) or the link dropped.
+        notes = ("the runner ended without a report (killed? out of memory?); the exit "
+                 f"code {code} may not be the script's",)
+        return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail,
+                         None, notes)
+    report = report or {}
+    return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail,
+                     report.get("stopped"), tuple(report.get("notes") or ()))
+
+
+def stop_active_runs(grace: float = STOP_GRACE) -> list[str]:
+    """Stop every run this process has under way (Ctrl-C): the runner on each host
+    stops the run's process group (SIGTERM, SIGKILL after ``grace`` seconds; see
+    :func:`fabfleet.hostside.runner.signal_group`). Returns the hosts where runs were
+    stopped."""
+    with _active_lock:
+        active = list(_active.items())
+    stopped = []
+
+    def stop(key, c) -> None:
+        host, run_dir = key
+        spec = {"runs_root": layout(c.fleet_host, "")["all_runs"],
+                "run_id": run_dir.rstrip("/").rsplit("/", 1)[-1], "grace": grace}
+        try:
+            with connect(c.fleet_host) as fresh:  # the run's own channel is busy
+                execute(fresh, python_command(fresh.fleet_host, runner,
+                                              ["stop", json.dumps(spec)]),
+                        timeout=grace + QUICK_COMMAND, action="stop the run")
+            stopped.append(host)
+        except FleetError:
+            pass  # the host is gone: nothing left to stop there
+    threads = [threading.Thread(target=stop, args=item, daemon=True) for item in active]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(grace + QUICK_COMMAND + 5)
+    return sorted(stopped)

@@ -1,0 +1,529 @@
+"""The remote side of a script run: start the script, tee its output, record the run.
+
+Sent to the host as source and run as ``python -c SOURCE SPEC_JSON`` (standard library
+only; :mod:`fabfleet.host.runs` is the client). It survives its own failures: a run dir it
+cannot create or a disk that fills up only stops the *saving* (the script's output keeps
+flowing to the client); what could not be saved is reported. The report is the last
+thing on stderr, after ``REPORT`` (an ASCII record separator, then ``fabfleet-report:``),
+as one JSON object::
+
+    {"exit_code": int, "stopped": "timeout" | "signal" | null, "notes": [str, …]}
+
+Before the script starts, a runner failure is one line ``ERROR`` + ``KIND: message`` on
+stderr and exit code :data:`RUNNER_FAILED` (``cwd``, ``script``) — never mistaken for the
+script's own exit code.
+
+When the script exits, the run ends: processes left in its process group are stopped
+(unless ``keep_children``), and output pipes still held open by an escaped daemon stop
+being read after :data:`PIPE_GRACE` seconds. ``timeout`` stops the whole process group
+(SIGTERM, SIGKILL after ``grace``) and exits 124, as GNU timeout does.
+"""
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ERROR = "\x1efabfleet-error: "
+REPORT = "\x1efabfleet-report: "
+RUNNER_FAILED = 95
+SCRIPT_MISSING = 96
+TIMED_OUT = 124
+PIPE_GRACE = 2.0
+
+
+def group_members(pgid):
+    """Pids in process group ``pgid`` (Linux /proc; empty where there is none)."""
+    members = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            members.append(int(name))
+    return members
+
+
+def signal_group(pgid, sig, grace):
+    """Send ``sig`` to process group ``pgid``; SIGKILL what is left after ``grace``
+    seconds. The one way fabfleet stops a process group. True when SIGKILL was needed."""
+    try:
+        os.killpg(pgid, sig)
+    except OSError:
+        return False
+    deadline = time.time() + grace
+    while time.time() < deadline and group_members(pgid):
+        time.sleep(0.05)
+    if not group_members(pgid):
+        return False
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+    return True
+
+
+def stop_group(pgid, grace):
+    """SIGTERM the group, SIGKILL what is left after ``grace`` seconds."""
+    signal_group(pgid, signal.SIGTERM, grace)
+
+
+class Saver(object):
+    """One output file in the run dir; on the first write error it stops saving and
+    remembers why (the script's output still reaches the client)."""
+
+    def __init__(self, run_dir, name, notes):
+        self.name, self.notes, self.f = name, notes, None
+        if run_dir is not None:
+            try:
+                self.f = open(os.path.join(run_dir, name), "wb")
+            except OSError as exc:
+                self.fail(exc)
+
+    def fail(self, exc):
+        self.notes.append("could not save %s in the run dir: %s" % (self.name, exc.strerror
+                                                                     or exc))
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+        self.f = None
+
+    def write(self, chunk):
+        if self.f is None:
+            return
+        try:
+            self.f.write(chunk)
+            self.f.flush()
+        except OSError as exc:
+            self.fail(exc)
+
+    def close(self):
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError as exc:
+                self.fail(exc)
+
+
+def pump(src, saver, out, stop):
+    """Copy a pipe to the run dir and to us until EOF (or until told to stop)."""
+    fd = src.fileno()
+    while not stop.is_set():
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        saver.write(chunk)
+        try:
+            out.write(chunk)
+            out.flush()
+        except (OSError, ValueError):
+            pass  # our SSH channel is gone: keep draining and saving
+
+
+def fail(kind, message):
+    sys.stderr.write("%s%s: %s\n" % (ERROR, kind, message))
+    sys.stderr.flush()
+    sys.exit(RUNNER_FAILED if kind != "script" else SCRIPT_MISSING)
+
+
+def write_file(run_dir, name, text, notes):
+    if run_dir is None:
+        return
+    path = os.path.join(run_dir, name)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.rename(path + ".tmp", path)
+    except OSError as exc:
+        notes.append("could not write %s in the run dir: %s" % (name, exc.strerror or exc))
+
+
+# -- detached jobs: a durable registry in the run dir -------------------------------------
+def boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def start_ticks(pid):
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with
+    the boot id, it tells this process from a later one that reused its pid."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(path + ".tmp", path)
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def job_status(run_dir):
+    """One run's status from its run dir: ``running``, ``exited``, ``killed`` or ``lost``."""
+    job = read_json(os.path.join(run_dir, "job.json")) or {}
+    command = read_json(os.path.join(run_dir, "command.json")) or {}
+    killed = read_json(os.path.join(run_dir, "killed"))
+    code = None
+    try:
+        with open(os.path.join(run_dir, "exit_code")) as f:
+            code = int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    started = job.get("started")
+    if started is None:
+        try:
+            started = os.stat(run_dir).st_mtime
+        except OSError:
+            started = None
+    if killed is not None:
+        status = "killed"
+    elif code is not None:
+        status = "exited"
+    elif job:
+        same_boot = job.get("boot_id") == boot_id()
+        alive = same_boot and start_ticks(job["pid"]) == job.get("start_ticks")
+        status = "running" if alive else "lost"
+    else:  # an attached run: alive while its pid is (no start time recorded)
+        try:
+            with open(os.path.join(run_dir, "pid")) as f:
+                pid = int(f.read())
+            status = "running" if start_ticks(pid) is not None else "lost"
+        except (OSError, ValueError):
+            status = "lost"
+    argv = job.get("argv") or command.get("argv") or []
+    return {"run_id": os.path.basename(run_dir), "project": os.path.basename(os.path.dirname(run_dir)),
+            "status": status, "exit_code": code, "detached": bool(job),
+            "command": " ".join([os.path.basename(argv[2])] + argv[3:]) if len(argv) > 2
+                       else " ".join(argv),
+            "started": started, "age": (time.time() - started) if started else None,
+            "pid": job.get("pid"), "run_dir": run_dir,
+            "killed_by": (killed or {}).get("signal"), "tag": job.get("tag")}
+
+
+def find_run(runs_root, run_id):
+    """The run dir of ``run_id`` under any project (run ids are unique)."""
+    for project in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
+        d = os.path.join(runs_root, project, run_id)
+        if os.path.isdir(d):
+            return d
+    return None
+
+
+def cmd_jobs(spec):
+    root = os.path.abspath(os.path.expanduser(spec["runs_root"]))
+    projects = [spec["project"]] if spec.get("project") else \
+        (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+    out = []
+    for project in projects:
+        pdir = os.path.join(root, project)
+        if not os.path.isdir(pdir):
+            continue
+        for run_id in sorted(os.listdir(pdir)):
+            if os.path.isdir(os.path.join(pdir, run_id)):
+                out.append(job_status(os.path.join(pdir, run_id)))
+    sys.stdout.write(REPORT + json.dumps(out) + "\n")
+
+
+def cmd_kill(spec):
+    """Signal a detached job's whole process group, after checking it is still the
+    process we started (pid + start time + boot id); SIGKILL after the grace period."""
+    root = os.path.abspath(os.path.expanduser(spec["runs_root"]))
+    run_dir = find_run(root, spec["run_id"])
+    if run_dir is None:
+        fail("unknown", "no run %s on this host" % spec["run_id"])
+    state = job_status(run_dir)
+    job = read_json(os.path.join(run_dir, "job.json"))
+    if state["status"] != "running" or not job:
+        sys.stdout.write(REPORT + json.dumps(dict(state, signalled=False)) + "\n")
+        return
+    sig = getattr(signal, spec.get("signal") or "SIGTERM")
+    write_atomic(os.path.join(run_dir, "killed"), json.dumps(
+        {"signal": sig.name if hasattr(sig, "name") else str(sig), "at": time.time()}))
+    escalated = signal_group(job["pgid"], sig, float(spec.get("grace", 5)))
+    deadline = time.time() + 5  # the job's runner records the exit code
+    while time.time() < deadline and not os.path.exists(os.path.join(run_dir, "exit_code")):
+        time.sleep(0.05)
+    sys.stdout.write(REPORT + json.dumps(dict(job_status(run_dir), signalled=True,
+                                              escalated=escalated)) + "\n")
+
+
+def cmd_stop(spec):
+    """Stop an attached run (Ctrl-C on the client): its process group, by the pid the
+    runner recorded, if that process is still the one it started."""
+    root = os.path.abspath(os.path.expanduser(spec["runs_root"]))
+    run_dir = find_run(root, spec["run_id"])
+    stopped = False
+    if run_dir is not None:
+        try:
+            with open(os.path.join(run_dir, "pid")) as f:
+                pid = int(f.read())
+        except (OSError, ValueError):
+            pid = None
+        if pid is not None and start_ticks(pid) is not None:
+            signal_group(pid, signal.SIGTERM, float(spec.get("grace", 2)))
+            stopped = True
+    sys.stdout.write(REPORT + json.dumps({"stopped": stopped}) + "\n")
+
+
+def cmd_logs(spec):
+    """Output of a run from byte ``offset``; with ``follow``, until the run ends. The
+    last line on stderr is the report: the run's status and exit code."""
+    root = os.path.abspath(os.path.expanduser(spec["runs_root"]))
+    run_dir = find_run(root, spec["run_id"])
+    if run_dir is None:
+        fail("unknown", "no run %s on this host" % spec["run_id"])
+    path = os.path.join(run_dir, spec.get("stream") or "stdout")
+    offset = int(spec.get("offset") or 0)
+    out = sys.stdout.buffer
+    while True:
+        state = job_status(run_dir)  # read before the data: nothing written after is lost
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                while True:
+                    chunk = f.read(65536)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    offset += len(chunk)
+                out.flush()
+        except OSError:
+            pass
+        if not spec.get("follow") or state["status"] != "running":
+            break
+        time.sleep(0.2)
+    sys.stderr.write(REPORT + json.dumps(dict(state, offset=offset)) + "\n")
+
+
+def detach(spec, argv, cwd, env, run_dir, notes):
+    """Start the script as a job that outlives this connection: a daemon (own session,
+    no terminal, stdin /dev/null, output to files, hang-ups ignored) starts it in its own
+    process group, records ``job.json`` atomically, waits, and records ``exit_code``."""
+    r, w = os.pipe()
+    if os.fork() > 0:
+        os.close(w)
+        chunks = []
+        while True:
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        record = b"".join(chunks).decode()
+        if not record:
+            fail("cwd", "the job did not start; see %s/runner.log" % run_dir)
+        sys.stdout.write(REPORT + record + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+    os.close(r)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log = os.open(os.path.join(run_dir, "runner.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        fout = open(os.path.join(run_dir, "stdout"), "wb")
+        ferr = open(os.path.join(run_dir, "stderr"), "wb")
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=fout,
+                                stderr=ferr, start_new_session=True, env=env)
+    except OSError as exc:
+        os.write(w, b"")
+        os.close(w)
+        sys.stderr.write("cannot start the job: %s\n" % exc)
+        os._exit(1)
+    job = {"run_id": spec["run_id"], "project": spec.get("project"), "argv": argv, "cwd": cwd,
+           "pid": proc.pid, "pgid": proc.pid, "start_ticks": start_ticks(proc.pid),
+           "boot_id": boot_id(), "started": time.time(), "runner_pid": os.getpid(),
+           "run_dir": run_dir, "tag": spec.get("tag")}
+    write_atomic(os.path.join(run_dir, "pid"), str(proc.pid))
+    write_atomic(os.path.join(run_dir, "job.json"), json.dumps(job))
+    os.write(w, json.dumps(job).encode())
+    os.close(w)
+    timeout, grace = spec.get("timeout"), float(spec.get("grace") or 2.0)
+    stopped = None
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stopped = "timeout"
+        stop_group(proc.pid, grace)
+        code = proc.wait()
+    if group_members(proc.pid) and not spec.get("keep_children"):
+        stop_group(proc.pid, grace)
+    code = TIMED_OUT if stopped == "timeout" else (128 - code if code < 0 else code)
+    ended = time.time()
+    write_atomic(os.path.join(run_dir, "timing.json"), json.dumps(
+        {"started": job["started"], "ended": ended, "seconds": ended - job["started"],
+         "stopped": stopped, "notes": notes}))
+    write_atomic(os.path.join(run_dir, "exit_code"), "%d\n" % code)
+    os._exit(0)
+
+
+def main(spec):
+    notes = []
+    def expand(p):  # absolute: a relative path starting with "-" must never be an option
+        return os.path.abspath(os.path.expanduser(p))
+    run_dir, cwd, work_dir = expand(spec["run_dir"]), expand(spec["cwd"]), expand(spec["work_dir"])
+    try:
+        os.makedirs(work_dir, mode=0o700, exist_ok=True)
+        os.chmod(work_dir, 0o700)
+        os.makedirs(cwd, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        fail("cwd", "cannot create the working directory %s: %s" % (cwd, exc.strerror or exc))
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        notes.append("could not create the run dir %s: %s; nothing of this run is saved on "
+                     "the host" % (run_dir, exc.strerror or exc))
+        run_dir = None
+
+    script = spec.get("script") and expand(spec["script"])
+    if spec.get("script_b64") is not None:
+        data = base64.b64decode(spec["script_b64"])
+        script = None
+        for where in ([run_dir] if run_dir else []) + [None]:
+            try:
+                if where is None:  # the run dir is not writable: a private temp file
+                    fd, script = tempfile.mkstemp(prefix="fabfleet-", suffix="-" + spec["script_name"])
+                else:
+                    script = os.path.join(where, spec["script_name"])
+                    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                break
+            except OSError as exc:
+                notes.append("could not write the script to %s: %s" % (
+                    where or "a temp file", exc.strerror or exc))
+                script = None
+        if script is None:
+            fail("cwd", "nowhere to write the script on the host: " + "; ".join(notes))
+    if not script or not os.path.isfile(script):
+        fail("script", "%s is not on this host" % script)
+
+    argv = [sys.executable, "-u", script] + spec["args"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FABFLEET_RUN_ID=spec["run_id"],
+               FABFLEET_RUN_DIR=run_dir or "")
+    if spec.get("env_file"):  # secrets (a Jupyter token) come in a file, never in argv
+        env_path = expand(spec["env_file"])
+        env.update(read_json(env_path) or {})
+        try:
+            os.unlink(env_path)
+        except OSError:
+            pass
+    started = time.time()
+    write_file(run_dir, "command.json", json.dumps({"argv": argv, "cwd": cwd}), notes)
+    if spec.get("detach"):
+        if run_dir is None:
+            fail("cwd", "a detached job needs its run dir: " + "; ".join(notes))
+        detach(spec, argv, cwd, env, run_dir, notes)
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, env=env)
+    except OSError as exc:
+        fail("cwd", "cannot start %s: %s" % (sys.executable, exc))
+    pgid = proc.pid
+    write_file(run_dir, "pid", str(proc.pid), notes)
+    stopped = [None]
+
+    def forward(signum, frame):
+        stopped[0] = "signal"
+        try:
+            os.killpg(pgid, signum)
+        except OSError:
+            pass
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, forward)
+
+    stop = threading.Event()
+    savers = [Saver(run_dir, "stdout", notes), Saver(run_dir, "stderr", notes)]
+    threads = [threading.Thread(target=pump, args=(proc.stdout, savers[0], sys.stdout.buffer, stop)),
+               threading.Thread(target=pump, args=(proc.stderr, savers[1], sys.stderr.buffer, stop))]
+    for t in threads:
+        t.daemon = True
+        t.start()
+    timeout, grace = spec.get("timeout"), float(spec.get("grace") or 2.0)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stopped[0] = "timeout"
+        notes.append("stopped after %gs (--timeout): SIGTERM to the script's process group, "
+                     "SIGKILL %gs later" % (timeout, grace))
+        stop_group(pgid, grace)
+        code = proc.wait()
+    left = group_members(pgid)
+    if left and not spec.get("keep_children"):
+        notes.append("the script left %d process(es) running in its process group (pids %s): "
+                     "stopped them" % (len(left), ", ".join(map(str, left[:10]))))
+        stop_group(pgid, grace)
+    elif left:
+        notes.append("the script left %d process(es) running (pids %s); kept, as asked"
+                     % (len(left), ", ".join(map(str, left[:10]))))
+    deadline = time.time() + PIPE_GRACE
+    for t in threads:
+        t.join(max(0.0, deadline - time.time()))
+    if any(t.is_alive() for t in threads):
+        stop.set()
+        notes.append("a process outside the script's process group (a daemon?) still holds "
+                     "its output open; that output is no longer collected")
+    for saver in savers:
+        saver.close()
+    ended = time.time()
+    if stopped[0] == "timeout":
+        code = TIMED_OUT
+    elif code < 0:
+        code = 128 - code
+    write_file(run_dir, "timing.json", json.dumps(
+        {"started": started, "ended": ended, "seconds": ended - started,
+         "stopped": stopped[0], "notes": notes}), notes)
+    write_file(run_dir, "exit_code", "%d\n" % code, notes)
+    sys.stdout.flush()
+    sys.stderr.write(REPORT + json.dumps({"exit_code": code, "stopped": stopped[0],
+                                          "notes": notes}) + "\n")
+    sys.stderr.flush()
+    os._exit(code)  # daemon pump threads may still block on a held pipe
+
+
+COMMANDS = {"run": main, "jobs": cmd_jobs, "kill": cmd_kill, "logs": cmd_logs,
+            "stop": cmd_stop}
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        COMMANDS[sys.argv[1]](json.loads(sys.argv[2]))
+    else:
+        main(json.loads(sys.argv[1]))
