@@ -11,8 +11,8 @@ or script::
 Layers, imports pointing one way (the README's "Code layout" has every module)::
 
     cli/      the command line: program, options, tasks     (imports everything below)
-    apps/     Dask, Jupyter on the fleet
     fleet/    many hosts: fan-out, checks, runs, the scheduler, Inventory
+    apps/     Dask, Jupyter on the fleet
     host/     one host: files, push, gather, facts, runs, jobs, slots, payloads
     ssh/      connections, host keys, liveness, exec, quoting, launch, tunnels, output
     config/   inventory data, the settings resolver, deadlines

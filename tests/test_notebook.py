@@ -47,7 +47,10 @@ def divide(a, b):
 try:
     divide(1, 0)
 except RemoteError as exc:
-    print("remote error", exc.host, exc.remote_type)""",
+    print("remote error", exc.host, exc.remote_type)
+    # the cell's file and line, and the line itself, as in a local traceback
+    where = f'{{divide.local.__code__.co_filename}}", line 3, in divide'
+    print(where in exc.remote_traceback, "    return a / b" in exc.remote_traceback)""",
     # 5: a GPU check
     """@remote("gpu1")
 def gpus():
@@ -103,7 +106,7 @@ def test_notebook_with_remote_calls_and_an_interrupt(fleet, kernel, tmp_path):
     assert out[1] == "hello notebook from ws1 ✓\nreturned 8\n"
     assert out[2] == "[0, 1, 4, 9, 16, 25, 36, 49]\n"
     assert out[3] == "helper 40\n"
-    assert out[4] == "remote error ws1 ZeroDivisionError\n"
+    assert out[4] == "remote error ws1 ZeroDivisionError\nTrue True\n"
     assert out[5] == "2 GPUs\n"
     assert out[6] == "started\n"
     errors = [o for o in nb.cells[6].outputs if o.output_type == "error"]

@@ -72,6 +72,11 @@ def test_remote_exception_carries_host_type_and_traceback(inv):
     assert err.host == "ws1" and err.remote_type == "ValueError"
     assert err.remote_message == "bad input 42"
     assert "in inner" in err.remote_traceback and "payload_funcs.py" in err.remote_traceback
+    # file and line of by-value code (cloudpickle 3.1 would write <dynamic-code>), and the
+    # source line from this machine, as a local traceback shows it
+    assert f'{pf.__file__}", line 44, in inner' in err.remote_traceback
+    assert "    raise ValueError(message)" in err.remote_traceback
+    assert "<dynamic-code>" not in err.remote_traceback
     assert str(err).startswith("ws1: ValueError: bad input 42")
     # the worker survives a raising function
     assert run_payload(inv.connect("ws1"), pf.fibonacci, 5) == 5

@@ -1,10 +1,9 @@
 """:class:`Inventory`: the inventory users hold, with the conveniences that reach hosts.
 
 :class:`~fabfleet.config.inventory.HostSet` is the validated data; this subclass adds
-``connect``, ``map``, ``imap_unordered`` and ``executor``, importing the connection and
-scheduler layers downward, so the data layer never imports them. The app conveniences
-(:meth:`Inventory.dask`) are the one place a lower layer reaches up: they import
-:mod:`fabfleet.apps` inside the method, so Dask is only imported when asked for.
+``connect``, ``map``, ``imap_unordered``, ``executor`` and ``dask``, importing the
+connection, scheduler and app layers downward, so the data layer never imports them.
+The app is imported inside its method, so Dask's own imports happen only when asked for.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class Inventory(HostSet):
         leaving the block stops them. The project is pushed first so its modules import
         there. Options: ``scheduler_host``, ``idle_timeout``, ``death_timeout``,
         ``start_timeout``, ``push``; see :mod:`fabfleet.apps.dask`."""
-        from ..apps.dask import dask_cluster  # the documented upward import: see above
+        from ..apps.dask import dask_cluster  # only when asked for
         project = resolve_project()
         options.setdefault("project_root", project.root if project.pushable else None)
         return dask_cluster(self, project=project.name, **options)
