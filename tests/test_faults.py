@@ -341,7 +341,7 @@ BAD_INPUTS = [
     (["run-remote", "-H", "ws1", "ok.py", "--args", "'open"], None, 2, "--args"),
     (["run-remote", "-H", "ws1", "missing.py"], None, 2, "script not found"),
     (["gather", "-H", "ws1", "'a"], None, 2, "patterns \"'a\""),
-    (["push", "-H", "ws1", "--method", "ftp"], None, 2, "expected auto, rsync or sftp"),
+    (["push", "-H", "ws1", "--method", "ftp"], None, 2, "expected auto, rsync, tar or sftp"),
     (["run-pickle", "-H", "ws1", "nope.pkl"], None, 2, "cannot read the payload"),
     (["hosts"], "hosts:\n  ws1: {port: 22}\n  ws1: {port: 23}\n", 2, "given twice"),
     (["hosts"], "hosts:\n  ws1: {hostname: '-oProxyCommand=touch /tmp/x'}\n", 2,

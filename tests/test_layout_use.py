@@ -73,7 +73,11 @@ def test_the_project_setting_reaches_runs_and_payload_workers_alike(fleet, tmp_p
         import os
         from fabfleet import Inventory, run_payload
         inv = Inventory.load(os.environ["FABFLEET_INVENTORY"])
-        print("venv", run_payload(inv.connect("ws1"), os.environ.get, "FLEET_VENV"))
+
+        def remote_env(name):
+            import os
+            return os.environ.get(name)
+        print("venv", run_payload(inv.connect("ws1"), remote_env, "FLEET_VENV"))
     """)
     run = user_cli(fleet.bin, "run-remote", "-H", "ws1", "show.py", cwd=proj,
                    inventory=fleet.inventory_path)

@@ -213,21 +213,23 @@ def test_ctrl_c_stops_the_remote_process_group(fleet, tmp_path):
 
 
 # -- push ------------------------------------------------------------------------------
-@pytest.mark.parametrize("host, method", [("ws1", "rsync"), ("ws2", "sftp")])
-def test_push_excludes_and_unchanged_repush(fleet, project, host, method):
+@pytest.mark.parametrize("host, method, forced", [("ws1", "rsync", "auto"),
+                                                  ("ws2", "tar", "auto"),
+                                                  ("ws2", "sftp", "sftp")])
+def test_push_excludes_and_unchanged_repush(fleet, project, host, method, forced):
     inv = fleet.inventory()
     target = f"~/fabfleet/push-{method}"
     with connect(inv[host]) as c:
         execute(c, f"rm -rf {target}")
-        first = fabfleet.push(c, project, target, excludes=["data.txt"])
+        first = fabfleet.push(c, project, target, excludes=["data.txt"], method=forced)
         assert first.method == method
         assert first.files_sent == first.files_total == 4  # .gitignore keep.log main.py util.py
         listing = execute(c, f"cd {target} && find . -type f | sort").stdout.split()
         assert listing == ["./.gitignore", "./keep.log", "./main.py", "./pkg/util.py"]
-        again = fabfleet.push(c, project, target, excludes=["data.txt"])
+        again = fabfleet.push(c, project, target, excludes=["data.txt"], method=forced)
         assert again.files_sent == 0 and again.bytes_sent < 200
         (project / "main.py").write_text("print('changed')\n")
-        third = fabfleet.push(c, project, target, excludes=["data.txt"])
+        third = fabfleet.push(c, project, target, excludes=["data.txt"], method=forced)
         assert third.files_sent == 1
         assert execute(c, f"cat {target}/main.py").stdout == "print('changed')\n"
         mode = execute(c, f"stat -c %a {target}/main.py").stdout.strip()
@@ -237,7 +239,7 @@ def test_push_excludes_and_unchanged_repush(fleet, project, host, method):
 def test_push_cli_reports_counts(fleet, project):
     r = fleet.cli("push", "--host", "ws1,ws2", inventory=fleet.inventory_path, cwd=project)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "rsync" in r.stdout and "sftp" in r.stdout and "2/2 hosts ok" in r.stdout
+    assert "rsync" in r.stdout and "tar" in r.stdout and "2/2 hosts ok" in r.stdout
 
 
 # -- gather / setup-workdir / clean ------------------------------------------------------

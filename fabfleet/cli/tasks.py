@@ -114,15 +114,16 @@ def setup_workdir(c, selected, requirements=None):
 @hosts_task(iterable=["exclude"], help={
     "source": "directory to push (default: the project root)",
     "exclude": "extra pattern to leave out, .gitignore syntax (repeatable)",
-    "method": "auto (rsync when both ends have it, else a tar stream or SFTP), rsync or sftp",
+    "method": "auto (rsync when both ends have it, else a tar stream, else SFTP), or rsync, "
+              "tar or sftp to force one",
     "max_parallel": "hosts pushed to at once (default 16)"})
 def push(c, selected, source=None, exclude=None, method="auto", max_parallel=None):
     """Sync this project to <work_dir>/<project>/ on the hosts (only changed files go)."""
     from ..config.settings import layout
     from ..host.files import local_files
-    from ..host.push import push as push_dir
-    if method not in ("auto", "rsync", "sftp"):
-        raise Exit(f"fabfleet: --method {method!r}: expected auto, rsync or sftp", 2)
+    from ..host.push import METHODS, push as push_dir
+    if method not in METHODS:
+        raise Exit(f"fabfleet: --method {method!r}: expected auto, rsync, tar or sftp", 2)
     max_parallel = number("max-parallel", max_parallel, int, 1) or 16
     proj = project(c)
     source = Path(source).resolve() if source else proj.root

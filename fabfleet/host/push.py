@@ -31,6 +31,9 @@ from ..ssh.liveness import watched
 from .files import FIND_LISTING, LocalFile, Progress, local_files, parse_find_listing, sftp_manifest
 
 # -- push ------------------------------------------------------------------------------
+METHODS = ("auto", "rsync", "tar", "sftp")
+
+
 @dataclass
 class PushResult:
     host: str
@@ -69,29 +72,28 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
          files: Sequence[LocalFile] | None = None) -> PushResult:
     """Sync ``local_dir`` into ``remote_dir`` on the host; return what was sent.
 
-    ``method`` is ``"auto"`` (rsync when both ends have it, else SFTP), ``"rsync"`` or
-    ``"sftp"``. One round trip lists the remote tree first; files whose size and mtime
-    already match are not sent, so an unchanged tree costs that round trip alone.
-    ``files`` is :func:`local_files`' answer when the caller already has it. Remote
-    files not in the local tree are left alone (runs write results into the project).
+    ``method`` is ``"auto"`` (rsync when both ends have it, else a tar stream when the
+    host has tar, else SFTP), or one of ``"rsync"``, ``"tar"``, ``"sftp"`` to force it.
+    One round trip lists the remote tree first; files whose size and mtime already match
+    are not sent, so an unchanged tree costs that round trip alone. ``files`` is
+    :func:`local_files`' answer when the caller already has it. Remote files not in the
+    local tree are left alone (runs write results into the project).
     """
-    if method not in ("auto", "rsync", "sftp"):
-        raise LocalError(f"push method {method!r}: expected auto, rsync or sftp")
+    if method not in METHODS:
+        raise LocalError(f"push method {method!r}: expected {', '.join(METHODS[:-1])} or "
+                         f"{METHODS[-1]}")
     started = time.monotonic()
     files = list(files) if files is not None else local_files(local_dir, excludes)
     tools, manifest = _remote_state(c, remote_dir)
-    use_rsync = method == "rsync" or (method == "auto" and "rsync" in tools
-                                      and shutil.which("rsync") is not None)
+    if method == "auto":
+        method = "rsync" if "rsync" in tools and shutil.which("rsync") is not None else \
+            "tar" if "tar" in tools else "sftp"
     changed = [f for f in files if manifest.get(f.rel) != f.state()]
     if not changed:
-        method_used = "rsync" if use_rsync else "tar" if "tar" in tools else "sftp"
-        result = PushResult(c.fleet_host.name, method_used, 0, 0, len(files), remote_dir)
-    elif use_rsync:
-        result = _push_rsync(c, Path(local_dir), remote_dir, changed, on_progress)
-    elif "tar" in tools:
-        result = _push_tar(c, Path(local_dir), remote_dir, changed, on_progress)
+        result = PushResult(c.fleet_host.name, method, 0, 0, len(files), remote_dir)
     else:
-        result = _push_sftp(c, Path(local_dir), remote_dir, changed, on_progress)
+        send = {"rsync": _push_rsync, "tar": _push_tar, "sftp": _push_sftp}[method]
+        result = send(c, Path(local_dir), remote_dir, changed, on_progress)
     result.files_total = len(files)
     result.seconds = time.monotonic() - started
     return result
