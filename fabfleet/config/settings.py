@@ -27,6 +27,7 @@ Jupyter can never disagree:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -48,7 +49,13 @@ INVENTORY_FILE = "inventory.yaml"
 # -- the project -----------------------------------------------------------------------
 def find_project(start: str | os.PathLike[str] | None = None) -> Path:
     """The project root for ``start`` (default: the current directory)."""
-    here = Path(start or os.getcwd()).resolve()
+    return _find_project(os.fspath(start or os.getcwd()))
+
+
+@functools.lru_cache(maxsize=256)
+def _find_project(start: str) -> Path:
+    # Cached per directory: a warm payload call asks on every call.
+    here = Path(start).resolve()
     for d in (here, *here.parents):
         if any((d / marker).exists() for marker in PROJECT_MARKERS):
             return d

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config.inventory import Host
+from ..config.settings import resolve_project
 from ..errors import (ConnectError, FanOutError, HostError, LocalError, PythonMismatchError,
                       RemoteError)
 from ..host.payload import dumps, dumps_call, dumps_function
@@ -38,40 +39,46 @@ MAX_CHUNK = 4096
 
 
 # -- the scheduler ---------------------------------------------------------------------
-class _Batch:
-    """One map: its function (``(id, pickle)``, sent once per worker)."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.define = dumps_function(fn)
-
-
 class _Work:
-    """One unit of work: a whole pickled call (``blob``) or an item of a ``batch``.
-    ``done(host, value, error)`` receives its outcome; ``begin()`` says whether it
-    should still run (a cancelled Future should not)."""
+    """A whole pickled call. ``done(host, value, error)`` receives its outcome;
+    ``begin()`` says whether it should still run (a cancelled Future should not)."""
 
-    __slots__ = ("blob", "batch", "item", "done", "begin")
+    __slots__ = ("blob", "done", "begin")
 
-    def __init__(self, done: Callable[[str | None, Any, BaseException | None], None], *,
-                 blob: bytes | None = None, batch: _Batch | None = None, item: Any = None,
+    def __init__(self, blob: bytes, done: Callable[[str | None, Any, BaseException | None],
+                                                   None],
                  begin: Callable[[], bool] | None = None) -> None:
-        self.blob, self.batch, self.item, self.done = blob, batch, item, done
-        self.begin = begin
+        self.blob, self.done, self.begin = blob, done, begin
+
+
+class _Batch:
+    """A map's items, handed out in chunks of indices. The function (``(id, pickle)``)
+    is sent once per worker; ``finish(host, indices, outcomes)`` receives each chunk's
+    outcomes (``(value, error)`` per index)."""
+
+    def __init__(self, fn: Callable, items: Sequence[Any],
+                 finish: Callable[[str | None, list[int], list[tuple[Any, Any]]], None]) -> None:
+        self.define = dumps_function(fn)
+        self.items = items
+        self.left: collections.deque[int] = collections.deque(range(len(items)))
+        self.finish = finish
 
 
 class Scheduler:
-    """Job-slot threads over ``hosts`` taking :class:`_Work` from one queue (see the
-    module docstring). :meth:`put` work, :meth:`close` when no more will come, then
-    :meth:`join`; :attr:`cancel` stops running calls on their hosts."""
+    """Job-slot threads over ``hosts`` taking work (:class:`_Work`, :class:`_Batch`) from
+    one queue (see the module docstring). :meth:`put` work, :meth:`close` when no more
+    will come, then :meth:`join`; :attr:`cancel` stops running calls on their hosts."""
 
     def __init__(self, hosts: Iterable[Host], *, on_output: Output, timeout: float | None = None,
                  project: str | None = None) -> None:
         self.hosts = list(hosts)
         if not self.hosts:
             raise LocalError("no hosts selected to run on")
-        self.output, self.timeout, self.project = on_output, timeout, project
+        # resolved once: every call of this scheduler uses the same project's env
+        self.project = project or resolve_project().name
+        self.output, self.timeout = on_output, timeout
         self.cond = threading.Condition()
-        self.queue: collections.deque[_Work] = collections.deque()
+        self.queue: collections.deque[_Work | _Batch] = collections.deque()
         self.in_flight = 0
         self.live = {h.name for h in self.hosts}
         self.last_error: BaseException | None = None
@@ -80,19 +87,18 @@ class Scheduler:
         self.threads: list[threading.Thread] = []
         self.slots = sum(h.max_jobs for h in self.hosts)
 
-    def put(self, works: Iterable[_Work]) -> None:
+    def put(self, work: _Work | _Batch) -> None:
         with self.cond:
             if self.closing:
                 raise RuntimeError("cannot add work to a closed scheduler")
             dead = not self.live
             if not dead:
-                self.queue.extend(works)
+                self.queue.append(work)
                 self.cond.notify_all()
                 if not self.threads:
                     self._start()
         if dead:
-            for w in works:
-                w.done(None, None, self._no_host_error())
+            self._fail([work])
 
     def close(self) -> None:
         """No more work will come: threads end once the queue is drained."""
@@ -100,7 +106,7 @@ class Scheduler:
             self.closing = True
             self.cond.notify_all()
 
-    def drop_queued(self) -> list[_Work]:
+    def drop_queued(self) -> list[_Work | _Batch]:
         with self.cond:
             dropped = list(self.queue)
             self.queue.clear()
@@ -122,76 +128,97 @@ class Scheduler:
                 self.threads.append(t)
                 t.start()
 
-    def _no_host_error(self) -> BaseException:
+    def no_host_error(self) -> BaseException:
         if self.cancel.is_set():
             return LocalError("cancelled before it ran")
         return self.last_error or ConnectError("-", "no host left")
 
-    def _take(self, host: Host, size: int) -> list[_Work]:
+    def _take(self, host: Host, size: int) -> tuple[_Work | _Batch, list[int]] | None:
+        """The next work for a slot of ``host``: a call, or a chunk of a batch's indices
+        (at most ``size``, and never more than a fair share of what is left)."""
         with self.cond:
             while True:
                 if host.name not in self.live or self.cancel.is_set():
-                    return []
+                    return None
                 if self.queue:
-                    taken = [self.queue.popleft()]
-                    batch = taken[0].batch
-                    if batch is not None:
-                        fair = max(1, -(-(len(self.queue) + 1) // self.slots))
-                        n = min(size, fair)
-                        while len(taken) < n and self.queue and self.queue[0].batch is batch:
-                            taken.append(self.queue.popleft())
-                    self.in_flight += len(taken)
-                    return taken
+                    first = self.queue[0]
+                    if isinstance(first, _Work):
+                        self.queue.popleft()
+                        self.in_flight += 1
+                        return first, []
+                    fair = max(1, -(-len(first.left) // self.slots))
+                    n = min(size, fair, len(first.left))
+                    idx = [first.left.popleft() for _ in range(n)]
+                    if not first.left:
+                        self.queue.popleft()
+                    self.in_flight += n
+                    return first, idx
                 if self.closing and self.in_flight == 0:
-                    return []
+                    return None
                 self.cond.wait(0.2)  # a dying host may still hand work back
 
-    def _run(self, host: Host, works: list[_Work]) -> list[tuple[Any, BaseException | None]]:
-        first = works[0]
-        if first.batch is None:
-            value = call_on_host(host, first.blob, on_output=self.output, timeout=self.timeout,
+    def _run(self, host: Host, work: _Work | _Batch, idx: list[int]) -> list[tuple[Any, Any]]:
+        if isinstance(work, _Work):
+            value = call_on_host(host, work.blob, on_output=self.output, timeout=self.timeout,
                                  cancel=self.cancel, project=self.project)
             return [(value, None)]
-        blob = dumps((first.batch.define[0], [w.item for w in works]))
+        blob = dumps((work.define[0], [work.items[i] for i in idx]))
         values = call_on_host(host, blob, on_output=self.output, cancel=self.cancel,
-                              kind=proto.CHUNK, define=first.batch.define, project=self.project)
+                              kind=proto.CHUNK, define=work.define, project=self.project)
         return [(v, None) if tag == "v" else (None, remote_error(host.name, v))
                 for tag, v in values]
 
     def _slot(self, host: Host) -> None:
         size = 1
-        while works := self._take(host, size):
-            ready = [w for w in works if w.begin is None or w.begin()]
-            if len(ready) != len(works):
-                with self.cond:
-                    self.in_flight -= len(works) - len(ready)
+        while (taken := self._take(host, size)) is not None:
+            work, idx = taken
+            count = len(idx) or 1
+            if isinstance(work, _Work) and work.begin is not None and not work.begin():
+                with self.cond:  # cancelled while queued
+                    self.in_flight -= 1
                     self.cond.notify_all()
-            if not ready:
                 continue
             started = time.monotonic()
             requeue = False
             try:
-                results = self._run(host, ready)
+                outcomes = self._run(host, work, idx)
             except (ConnectError, PythonMismatchError) as exc:
                 with self.cond:  # the host, not the work, is at fault
                     self.live.discard(host.name)
                     self.last_error = exc
                     requeue = bool(self.live) and not self.cancel.is_set()
-                results = [(None, exc)] * len(ready)
+                outcomes = [(None, exc)] * count
             except BaseException as exc:  # noqa: BLE001 - this work's error
-                results = [(None, exc)] * len(ready)
-            if ready[0].batch is not None:
-                per_item = (time.monotonic() - started) / len(ready)
+                outcomes = [(None, exc)] * count
+            if idx:
+                per_item = (time.monotonic() - started) / len(idx)
                 size = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(per_item, 1e-7))))
             with self.cond:
-                self.in_flight -= len(ready)
+                self.in_flight -= count
                 if requeue:
-                    self.queue.extendleft(reversed(ready))
+                    if isinstance(work, _Work):
+                        self.queue.appendleft(work)
+                    else:
+                        if not work.left and work not in self.queue:
+                            self.queue.appendleft(work)
+                        work.left.extendleft(reversed(idx))
                 self.cond.notify_all()
             if not requeue:
-                for w, (value, error) in zip(ready, results):
-                    w.done(host.name, value, error)
+                if isinstance(work, _Work):
+                    work.done(host.name, *outcomes[0])
+                else:
+                    work.finish(host.name, idx, outcomes)
         self._fail_orphans()
+
+    def _fail(self, works: Iterable[_Work | _Batch]) -> None:
+        error = self.no_host_error()
+        for w in works:
+            if isinstance(w, _Work):
+                w.done(None, None, error)
+            else:
+                left, w.left = list(w.left), collections.deque()
+                if left:
+                    w.finish(None, left, [(None, error)] * len(left))
 
     def _fail_orphans(self) -> None:
         """No live host is left (or the work was cancelled): fail what is still queued."""
@@ -201,8 +228,7 @@ class Scheduler:
             orphans = list(self.queue)
             self.queue.clear()
             self.cond.notify_all()
-        for w in orphans:
-            w.done(None, None, self._no_host_error())
+        self._fail(orphans)
 
 
 # -- the Executor ----------------------------------------------------------------------
@@ -246,14 +272,15 @@ class FleetExecutor(Executor):
                 f.set_exception(error)
             else:
                 f.set_result(value)
-        self.scheduler.put([_Work(done, blob=blob, begin=begin)])
+        self.scheduler.put(_Work(blob, done, begin))
         return f
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._shutdown = True
         if cancel_futures:
             for w in self.scheduler.drop_queued():
-                w.done(None, None, LocalError("cancelled"))
+                if isinstance(w, _Work):
+                    w.done(None, None, LocalError("cancelled"))
         self.scheduler.close()
         if wait:
             self.scheduler.join()
@@ -363,23 +390,23 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
     results: list[ItemOutcome | None] = [None] * len(items)
     done_count = [0]
 
-    def finisher(i: int):
-        def done(host: str | None, value: Any, error: BaseException | None) -> None:
+    def finish(host: str | None, idx: list[int], outcomes: list[tuple[Any, Any]]) -> None:
+        for i, (value, error) in zip(idx, outcomes):
             results[i] = ItemOutcome(i, host, value=value) if error is None else \
                 ItemOutcome(i, host, error=error)
-            with scheduler.cond:
-                done_count[0] += 1
-                scheduler.cond.notify_all()
-        return done
+        with scheduler.cond:
+            done_count[0] += len(idx)
+            scheduler.cond.notify_all()
     if timeout is None:
-        batch = _Batch(fn)
-        works = [_Work(finisher(i), batch=batch, item=item) for i, item in enumerate(items)]
-    else:
-        works = [_Work(finisher(i), blob=dumps_call(fn, item)) for i, item in enumerate(items)]
+        works: list[_Work | _Batch] = [_Batch(fn, items, finish)] if items else []
+    else:  # every item its own call, under its own deadline
+        works = [_Work(dumps_call(fn, item),
+                       lambda host, value, error, i=i: finish(host, [i], [(value, error)]))
+                 for i, item in enumerate(items)]
     _wait_for(scheduler, works, len(items), done_count, on_progress, progress)
     if hasattr(output, "flush"):
         output.flush()
-    outcomes = [r if r is not None else ItemOutcome(i, None, error=scheduler._no_host_error())
+    outcomes = [r if r is not None else ItemOutcome(i, None, error=scheduler.no_host_error())
                 for i, r in enumerate(results)]
     if return_exceptions:
         return [o.value if o.ok else o.error for o in outcomes]
@@ -388,16 +415,17 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
     return [o.value for o in outcomes]
 
 
-def _wait_for(scheduler: Scheduler, works: list[_Work], total: int, done_count: list[int],
-              on_progress: Progress | None, progress: bool | None) -> None:
+def _wait_for(scheduler: Scheduler, works: list[_Work | _Batch], total: int,
+              done_count: list[int], on_progress: Progress | None,
+              progress: bool | None) -> None:
     """Run ``works`` to the end, reporting progress from this thread; Ctrl-C (or any
     exception here) stops the running calls on their hosts and re-raises."""
     from ..render import progress_bar  # the bar is rendering: rich only there
     bar = progress_bar(total, progress)
     reported = 0
     try:
-        if works:
-            scheduler.put(works)
+        for w in works:
+            scheduler.put(w)
         scheduler.close()
         while scheduler.alive() or reported != done_count[0]:
             with scheduler.cond:
