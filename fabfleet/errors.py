@@ -195,6 +195,14 @@ def host_errors(host: str, action: str, *, known_hosts: tuple[str, ...] = (),
             f"could not {action}: {exc}. Check that the host is up, that `hostname` and "
             "`port` in the inventory are right, and that `ssh` to it works.",
         ) from exc
+    except paramiko.ChannelException as exc:
+        raise ConnectError(
+            host,
+            f"the host refused to open a channel ({exc.text or exc.code}) while trying to "
+            f"{action}. For a new session that is sshd's MaxSessions (10 per connection by "
+            "default): lower `max_jobs`, or raise MaxSessions in the host's sshd_config; for "
+            "a forwarded port, nothing listens there or forwarding is not allowed.",
+        ) from exc
     except (paramiko.SSHException, EOFError) as exc:
         raise ConnectError(
             host,

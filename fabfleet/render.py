@@ -109,11 +109,13 @@ def hosts_table(inv) -> Any:
     for h in inv:
         address = f"{h.address}:{h.port}" if h.port else h.address
         env = f"venv {h.venv}" if h.venv else f"conda {h.conda_env}" if h.conda_env else "-"
-        rows.append([h.name, address, h.user or "(ssh config)", ",".join(h.groups) or "-",
-                     h.python, h.work_dir, env, str(h.max_jobs), h.host_key_policy])
+        route = " → ".join(x.name for x in h.hops) or "direct"
+        rows.append([h.name, address, route, h.user or "(ssh config)",
+                     ",".join(h.groups) or "-", h.python, h.work_dir, env, str(h.max_jobs),
+                     h.host_key_policy])
     return table(f"{inv.path}: {len(inv)} hosts",
-                 ["host", "address", "user", "groups", "python", "work dir", "env", "jobs",
-                  "host keys"], rows)
+                 ["host", "address", "route", "user", "groups", "python", "work dir", "env",
+                  "jobs", "host keys"], rows)
 
 
 def gpu_summary(gpus: Sequence[Mapping[str, Any]]) -> str:
@@ -133,11 +135,13 @@ def check_report(report: Mapping[str, Any]) -> None:
         if r.get("python") and not r.get("python_matches_local"):
             py += " (≠ local)"
         rows.append([
-            name, word("yes" if r["ok"] else "NO"), py,
+            name, word("yes" if r["ok"] else "NO"), " → ".join(r.get("route") or []) or "direct",
+            py,
             r.get("cloudpickle") or ("-" if not r.get("python") else "- (we ship it)"),
             str(r.get("cpus") or "-"), size(r.get("mem_available")), size(r.get("disk_free")),
             f"{r['load'][0]:g}" if r.get("load") else "-", gpu_summary(r.get("gpus") or [])])
-    show(table("check-env", ["host", "ok", "python", "cloudpickle", "cpus", "memory free",
+    show(table("check-env", ["host", "ok", "route", "python", "cloudpickle", "cpus",
+                             "memory free",
                              "disk free", "load", "gpus"], rows))
     for name, r in report["hosts"].items():
         if r.get("error"):

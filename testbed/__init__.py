@@ -15,6 +15,21 @@ oldpy  PP05  same machine as ws3, but ``python: pypy3`` (Python 3.9)
 down   PP99  nothing listens there
 ====== ===== =====================================================
 
+Lab-like hosts, with the inventory :func:`lab_inventory_text` and the ssh_config
+:func:`lab_ssh_config` (all stock ``sshd_config`` limits, each on its own loopback
+address; the lab image has Lmod with a ``cuda/12.2`` module, zsh, a conda stand-in at
+``/opt/conda`` with an env ``lab``, and a second user ``eve``):
+
+======= ===== ============ ==================================================
+name    port  address      what it is
+======= ===== ============ ==================================================
+stock   PP20  127.0.0.6    reached by an ssh_config alias; known by its ECDSA
+                           key only (it also has RSA and Ed25519); zsh login
+bastion PP21  127.0.0.7    known by its RSA key only; resolves ``inner.lab``
+inner   PP22  127.0.0.8    only an ECDSA host key; reached as ``inner.lab``
+                           through the bastion
+======= ===== ============ ==================================================
+
 ``PP`` is the port prefix: 22 for the demo, 23 for the tests, so both can run at once.
 """
 
@@ -30,7 +45,17 @@ HERE = Path(__file__).resolve().parent
 STATE = HERE / "state"
 COMPOSE_FILE = HERE / "docker-compose.yml"
 KEY = STATE / "id_ed25519"
-HOSTS = {"ws1": 1, "ws2": 2, "gpu1": 3, "nopy": 4, "ws3": 5}
+HOSTS = {"ws1": 1, "ws2": 2, "gpu1": 3, "nopy": 4, "ws3": 5,
+         "stock": 20, "bastion": 21, "inner": 22}
+#: where each host listens (the default hosts on 127.0.0.1)
+ADDRESSES = {"stock": "127.0.0.6", "bastion": "127.0.0.7", "inner": "127.0.0.8"}
+#: the one key type recorded for the lab hosts, as older known_hosts files have them
+RECORDED_TYPES = {"stock": "ecdsa", "bastion": "rsa", "inner": "ecdsa"}
+LAB = ("stock", "bastion", "inner")
+
+
+def address(name: str) -> str:
+    return ADDRESSES.get(name, "127.0.0.1")
 
 
 def port(name: str, prefix: int) -> int:
@@ -51,10 +76,10 @@ def ensure_docker() -> None:
     subprocess.run([str(HERE / "ensure-docker.sh")], check=True)
 
 
-def ssh_ready(p: int) -> bool:
-    """True once something on 127.0.0.1:p answers with an SSH banner."""
+def ssh_ready(p: int, addr: str = "127.0.0.1") -> bool:
+    """True once something on addr:p answers with an SSH banner."""
     try:
-        with socket.create_connection(("127.0.0.1", p), timeout=1) as s:
+        with socket.create_connection((addr, p), timeout=1) as s:
             s.settimeout(2)
             return s.recv(4).startswith(b"SSH-")
     except OSError:
@@ -64,20 +89,35 @@ def ssh_ready(p: int) -> bool:
 def wait_ready(prefix: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     for name in HOSTS:
-        while not ssh_ready(port(name, prefix)):
+        while not ssh_ready(port(name, prefix), address(name)):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"testbed host {name} (127.0.0.1:{port(name, prefix)}) "
+                raise RuntimeError(f"testbed host {name} ({address(name)}:{port(name, prefix)}) "
                                    "did not start sshd; see `docker-compose logs`")
             time.sleep(0.1)
 
 
+def host_key_lines(name: str, prefix: int, key_type: str | None = None,
+                   as_name: str | None = None) -> list[str]:
+    """known_hosts lines for host ``name`` (its ``key_type`` key: default ed25519 for
+    the default hosts, :data:`RECORDED_TYPES` for the lab ones), written for
+    ``as_name`` (default: its address) and its port."""
+    key_type = key_type or RECORDED_TYPES.get(name, "ed25519")
+    p, addr = port(name, prefix), address(name)
+    out = subprocess.run(["ssh-keyscan", "-t", key_type, "-p", str(p), addr],
+                         capture_output=True, text=True, timeout=30)
+    lines = [ln for ln in out.stdout.splitlines() if ln and not ln.startswith("#")]
+    if as_name:
+        lines = [ln.replace(f"[{addr}]:{p}", f"[{as_name}]:{p}", 1) for ln in lines]
+    return lines
+
+
 def scan_host_keys(prefix: int, path: Path) -> Path:
-    """Write the hosts' current keys to ``path`` (the testbed's own known_hosts)."""
+    """Write the hosts' current keys to ``path`` (the testbed's own known_hosts). The
+    lab hosts are recorded by one older key type each; the inner host under the name
+    the bastion resolves."""
     lines = []
     for name in HOSTS:
-        out = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(port(name, prefix)),
-                              "127.0.0.1"], capture_output=True, text=True, timeout=30)
-        lines += [ln for ln in out.stdout.splitlines() if ln and not ln.startswith("#")]
+        lines += host_key_lines(name, prefix, as_name="inner.lab" if name == "inner" else None)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -127,6 +167,42 @@ hosts:
     port: {prefix * 100 + 99}
     connect_timeout: 2
     groups: [broken]
+"""
+
+
+def lab_ssh_config(prefix: int) -> str:
+    """ssh_config for the lab hosts: ``stock`` is an alias only this file resolves."""
+    return f"""\
+Host stock
+    HostName {address('stock')}
+    Port {port('stock', prefix)}
+"""
+
+
+def lab_inventory_text(prefix: int, known_hosts: Path, work_dir: str = "~/fabfleet") -> str:
+    """An inventory of the lab hosts: ``inner`` is reached through ``bastion``."""
+    return f"""\
+# The testbed's lab-like hosts (stock sshd, other addresses, a bastion).
+defaults:
+  user: dev
+  key_file: {KEY}
+  known_hosts: {known_hosts}
+  host_key_policy: strict
+  connect_timeout: 5
+  work_dir: {work_dir}
+hosts:
+  stock:                    # no hostname: the ssh_config alias resolves it
+    groups: [lab2]
+    max_jobs: 12
+  bastion:
+    hostname: {address('bastion')}
+    port: {port('bastion', prefix)}
+    groups: [gateways]
+  inner:
+    hostname: inner.lab     # only the bastion resolves this name
+    port: {port('inner', prefix)}
+    jump: bastion
+    groups: [lab2]
 """
 
 

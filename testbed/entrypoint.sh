@@ -1,8 +1,28 @@
-# Container entrypoint: fresh host keys per container, then sshd on 127.0.0.1:$SSH_PORT.
+# Container entrypoint: fresh host keys per container, then sshd on $LISTEN:$SSH_PORT.
+#
+# Knobs (environment): LISTEN (default 127.0.0.1), STOCK=1 for Debian's stock sshd
+# limits (MaxSessions 10, MaxStartups 10:30:100) instead of raised ones, HOSTKEYS (key
+# types to generate, e.g. "ecdsa"; default: every type), EXTRA_HOSTS ("name=addr ..."
+# lines only this container resolves), LOGIN_SHELL (the dev user's login shell),
+# NO_ENSUREPIP=1 (Python without ensurepip: `python3 -m venv` fails).
 set -e
 echo "${FABFLEET_HOST:-unknown}" > /etc/fabfleet-host
-ssh-keygen -A >/dev/null
+if [ -n "${HOSTKEYS:-}" ]; then
+    for t in $HOSTKEYS; do ssh-keygen -q -t "$t" -N "" -f "/etc/ssh/ssh_host_${t}_key"; done
+else
+    ssh-keygen -A >/dev/null
+fi
+for pair in ${EXTRA_HOSTS:-}; do
+    echo "${pair#*=} ${pair%%=*}" >> /etc/hosts
+done
+[ -z "${LOGIN_SHELL:-}" ] || usermod -s "$LOGIN_SHELL" dev
+# A Python without ensurepip, as Debian/Ubuntu servers without python3-venv have
+[ "${NO_ENSUREPIP:-0}" = 1 ] && rm -rf /usr/lib/python3*/ensurepip
 install -m 600 -o dev -g dev /testbed/authorized_keys /home/dev/.ssh/authorized_keys
-exec /usr/sbin/sshd -D -e -p "${SSH_PORT:?}" -o ListenAddress=127.0.0.1 \
+keys=""
+for k in /etc/ssh/ssh_host_*_key; do keys="$keys -o HostKey=$k"; done
+limits="-o MaxSessions=64 -o MaxStartups=100:30:200"
+[ "${STOCK:-0}" = 1 ] && limits=""
+exec /usr/sbin/sshd -D -e -p "${SSH_PORT:?}" -o ListenAddress="${LISTEN:-127.0.0.1}" \
     -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no -o UsePAM=no \
-    -o MaxSessions=64 -o MaxStartups=100:30:200
+    $keys $limits

@@ -170,7 +170,7 @@ def test_warm_calls_reuse_connection_and_worker(inv):
     pids = {run_payload(c, __import__("os").getpid) for _ in range(20)}
     assert len(pids) == 1
     pool = fabfleet.host.pool.pool_for(inv["ws1"])
-    assert pool.conn is not None and len(pool.idle) == 1
+    assert len(pool.conns) == 1 and len(pool.idle) == 1
 
 
 def test_map_keeps_order_spreads_and_reports_item_errors(inv):

@@ -15,7 +15,7 @@ import fnmatch
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,15 @@ class Host:
     connect_timeout: float = 10.0
     host_key_policy: str = "strict"
     known_hosts: str | None = None
+    #: bastions to go through, first hop first (names of other inventory hosts)
+    jump: tuple[str, ...] = ()
+    #: shell lines run before the env is activated (``module load cuda``, ``source …``)
+    setup: tuple[str, ...] = ()
+    #: ``sh`` (POSIX sh, the default) or ``login`` (the user's login shell, as a login
+    #: shell: profile scripts run, so ``module`` exists)
+    shell: str = "sh"
+    #: the jump hosts' own records, first hop first (resolved from ``jump`` on load)
+    hops: tuple["Host", ...] = ()
     #: keys that came from ``defaults`` rather than the host's own entry; for hosts
     #: without ``hostname``, ~/.ssh/config wins over these (as ``ssh NAME`` would).
     inherited: frozenset[str] = frozenset()
@@ -111,6 +120,31 @@ def _env(where: str, value: Any) -> dict[str, str]:
     return out
 
 
+def _names(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    _expect(isinstance(value, list) and value and all(isinstance(n, str) and _NAME_RE.match(n)
+                                                     for n in value),
+            where, "a host name of this inventory, or a list of them (first hop first)", value)
+    return tuple(value)
+
+
+def _lines(where: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    _expect(isinstance(value, list) and all(isinstance(v, str) and "\0" not in v
+                                            and "\n" not in v for v in value),
+            where, "a list of shell lines (one command each)", value)
+    return tuple(value)
+
+
+def _shell(where: str, value: Any) -> str:
+    _expect(value in ("sh", "login"), where,
+            "'sh' (POSIX sh, the default) or 'login' (your login shell, with its profile)",
+            value)
+    return value
+
+
 def _policy(where: str, value: Any) -> str:
     _expect(value in HOST_KEY_POLICIES, where,
             "'strict' or 'accept-new' (fabfleet never accepts any key blindly)", value)
@@ -136,6 +170,9 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "connect_timeout": _timeout,
     "host_key_policy": _policy,
     "known_hosts": _local_path,
+    "jump": _names,
+    "setup": _lines,
+    "shell": _shell,
 }
 _SECRET_KEYS = {"password", "passphrase", "key_passphrase", "sudo_password"}
 
@@ -234,7 +271,7 @@ class HostSet:
         if unknown:
             raise InventoryError(f"{path}: {sorted(unknown)[0]}: unknown top-level key; "
                                  "expected 'defaults' and 'hosts'")
-        per_host = {f.name for f in fields(Host)} - {"name", "inherited"}
+        per_host = {f.name for f in fields(Host)} - {"name", "inherited", "hops"}
         defaults = _validate_entry(f"{path}: defaults", data.get("defaults"),
                                    allow=per_host - {"hostname"})
         raw_hosts = data.get("hosts")
@@ -253,7 +290,7 @@ class HostSet:
                 merged["env"] = {**defaults["env"], **own["env"]}
             hosts.append(Host(name=name, inherited=frozenset(set(defaults) - set(own)),
                               **merged))
-        return cls(hosts, path)
+        return cls(_resolve_jumps(hosts, path), path)
 
     # -- selection -------------------------------------------------------------------
     @property
@@ -308,6 +345,36 @@ class HostSet:
         if not chosen:
             raise InventoryError(f"--host {host!r} names no host; known hosts: {self._known()}")
         return type(self)([h for h in self if h.name in chosen], self.path)
+
+
+def _resolve_jumps(hosts: list[Host], path: Any) -> list[Host]:
+    """Each host's ``jump`` names → ``hops`` (the jump hosts' records, themselves with
+    their own hops resolved); unknown names and loops are errors naming the host."""
+    by_name = {h.name: h for h in hosts}
+    done: dict[str, Host] = {}
+
+    def resolve(h: Host, seen: tuple[str, ...]) -> Host:
+        if h.name in done:
+            return done[h.name]
+        hops = []
+        for n in h.jump:
+            where = f"{path}: hosts.{h.name}.jump"
+            if n not in by_name:
+                raise InventoryError(f"{where}: no host named {n!r} in this inventory; known "
+                                     f"hosts: {', '.join(by_name)}")
+            if n == h.name or n in seen:
+                raise InventoryError(f"{where}: {n!r} makes a loop of jumps "
+                                     f"({' -> '.join(seen + (h.name, n))})")
+            hops.append(resolve(by_name[n], seen + (h.name,)))
+        # a hop's own route comes first: jump: [b] where b has jump: [a] goes a -> b
+        route: list[Host] = []
+        for hop in hops:
+            for x in (*hop.hops, hop):
+                if x.name not in {r.name for r in route}:
+                    route.append(x)
+        done[h.name] = replace(h, hops=tuple(route)) if route else h
+        return done[h.name]
+    return [resolve(h, ()) for h in hosts]
 
 
 def _beside(inventory_path: str | os.PathLike[str], local: str) -> str:

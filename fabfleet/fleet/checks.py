@@ -18,7 +18,9 @@ def check_hosts(hosts: Iterable[Host], *, require: Sequence[str] = (),
     ``check-env --json`` document: ``{"ok": bool, "hosts": {name: {"ok", "error",
     "python", …}}}``; a host that cannot be reached, refuses our key or shows an unknown
     key gets ``ok: false`` and its error."""
-    results = per_host(hosts, lambda c: check_env(c, require=require, project=project),
+    hosts = list(hosts)
+    results = per_host(hosts, lambda c: {**check_env(c, require=require, project=project),
+                                         "route": list(c.route)},
                        max_workers=max_workers, timeout=lambda h: deadlines(h).check)
     report = {}
     for name, outcome in results.items():
@@ -29,7 +31,9 @@ def check_hosts(hosts: Iterable[Host], *, require: Sequence[str] = (),
             report[name] = {"ok": False, "python": None, "warnings": [],
                             "error": str(err) if isinstance(err, FleetError) else
                             f"{name}: unexpected {type(err).__name__}: {err}",
-                            "error_type": type(err).__name__}
+                            "error_type": type(err).__name__,
+                            "route": [x.name for x in next(h for h in hosts
+                                                           if h.name == name).hops]}
     return {"ok": all(r["ok"] for r in report.values()), "hosts": report}
 
 

@@ -138,10 +138,13 @@ def interpret(host: Host, raw: dict, require: Sequence[str] = ()) -> dict:
         else:
             report["warnings"].append(f"{fact.name}: {entry.get('error', 'not reported')}")
     env_err = raw.get("env_error")
-    if env_err:
-        what = f"venv {host.venv}" if host.venv else f"conda env {host.conda_env}"
+    if env_err and env_err.startswith("setup line failed: "):
+        problems.append(f"{env_err.strip()}. " + shell.setup_hint(host, env_err).rstrip("."))
+    elif env_err:
+        what = f"venv {host.venv}" if host.venv else f"conda env {host.conda_env}" \
+            if host.conda_env else "the project's venv"
         problems.append(f"{what} does not activate ({env_err.strip()}); create it with "
-                        "`inv setup-workdir` or fix `venv`/`conda_env` in the inventory")
+                        "`fabfleet setup-workdir` or fix `venv`/`conda_env` in the inventory")
     if report.get("work_dir_writable") is False:
         problems.append(f"work dir {report.get('work_dir')} is not writable; fix its "
                         "permissions or set `work_dir` in the inventory")

@@ -46,6 +46,7 @@ from ..config.settings import resolve_project
 from ..errors import (CommandError, ConnectError, DeadlineError, HostError, LocalError,
                       PythonMismatchError, RemoteError, TransferError, host_errors)
 from ..hostside import worker as proto
+from ..ssh import shell
 from ..ssh.connect import connect
 from ..ssh.exec import send_all
 from ..ssh.launch import python_command
@@ -201,7 +202,7 @@ class Worker:
         if code == 127 or "fabfleet-error: python" in tail:
             return "python", f"Python interpreter {self.host.python!r} was not found on the host"
         if code == 97:
-            return "env", f"the host's environment did not activate: {tail[-500:]}"
+            return "env", shell.env_failure(self.host, tail)
         if not self.chan.get_transport().is_active():
             return "lost", "the connection was lost (the host went down or dropped the session)"
         how = f"exited with code {code}" if code != -1 else "was killed by a signal"
@@ -328,33 +329,67 @@ def check_python(host: Host, hello: Hello) -> None:
             f"venv/conda env with one), or run locally with that version. Nothing was sent.")
 
 
+#: workers (SSH sessions) per connection: stock sshd allows 10 sessions on one
+#: connection (MaxSessions); past this many workers the pool opens another connection
+SESSIONS_PER_CONNECTION = 8
+
+
 class HostPool:
-    """One connection and up to ``max_jobs`` workers for one host (and project)."""
+    """Connections and up to ``max_jobs`` workers for one host (and project): at most
+    :data:`SESSIONS_PER_CONNECTION` workers share a connection, so any ``max_jobs``
+    works under stock sshd limits."""
 
     def __init__(self, host: Host, project: str | None = None) -> None:
         self.host = host
         self.project = project
-        self.conn = None
+        self.conns: list = []
+        self.workers: set[Worker] = set()
+        self.starting: dict[int, int] = {}  # id(connection) -> workers being started on it
         self.idle: list[Worker] = []
         self.lock = threading.Lock()
+        self.opening = threading.Lock()
         self.closed = False
 
     def connection(self):
+        """A connection with room for one more worker (opened if needed), reserved for
+        it: release with :meth:`started`. Connections are opened one at a time (stock
+        sshd drops unauthenticated connections past MaxStartups)."""
+        with self.opening:
+            with self.lock:
+                self.workers = {w for w in self.workers if not w.chan.closed}
+                for conn in list(self.conns):
+                    if not conn.is_connected:
+                        self.conns.remove(conn)
+                        conn.close()
+                        continue
+                    used = sum(1 for w in self.workers if w.c is conn) + \
+                        self.starting.get(id(conn), 0)
+                    if used < SESSIONS_PER_CONNECTION:
+                        self.starting[id(conn)] = self.starting.get(id(conn), 0) + 1
+                        return conn
+            conn = connect(self.host)
+            with host_errors(self.host.name, "connect"):
+                conn.open()
+            with self.lock:
+                self.conns.append(conn)
+                self.starting[id(conn)] = 1
+            return conn
+
+    def started(self, conn, worker: Worker | None) -> None:
+        """The reservation made by :meth:`connection` is over (``worker`` or failure)."""
         with self.lock:
-            if self.conn is None or not self.conn.is_connected:
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = connect(self.host)
-                with host_errors(self.host.name, "connect"):
-                    self.conn.open()
-            return self.conn
+            self.starting[id(conn)] -= 1
+            if worker is not None:
+                self.workers.add(worker)
 
     @property
     def dead_reason(self) -> str | None:
-        """Why the connection was closed, when the watchdog closed it (a frozen host)."""
-        conn = self.conn
-        dog = getattr(conn, "_fabfleet_watchdog", None) if conn is not None else None
-        return dog.fired if dog is not None else None
+        """Why a connection was closed, when the watchdog closed it (a frozen host)."""
+        for conn in self.conns:
+            dog = getattr(conn, "_fabfleet_watchdog", None)
+            if dog is not None and dog.fired:
+                return dog.fired
+        return None
 
     def take(self) -> Worker:
         with self.lock:
@@ -363,8 +398,13 @@ class HostPool:
                 if w.alive:
                     return w
                 w.close()
-        w = Worker(self.connection(), timeout=deadlines(self.host).worker_start,
-                   project=self.project)
+        conn = self.connection()
+        try:
+            w = Worker(conn, timeout=deadlines(self.host).worker_start, project=self.project)
+        except BaseException:
+            self.started(conn, None)
+            raise
+        self.started(conn, w)
         try:
             check_python(self.host, w.hello)
         except PythonMismatchError:
@@ -385,9 +425,9 @@ class HostPool:
             for w in self.idle:
                 w.close()
             self.idle.clear()
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
+            for conn in self.conns:
+                conn.close()
+            self.conns.clear()
 
 
 _pools: dict[tuple[str, str, str | None], HostPool] = {}
@@ -498,7 +538,9 @@ def worker_error(host: Host, exc: WorkerDied, pool: HostPool | None = None) -> H
         reason = (pool.dead_reason if pool is not None else None) or exc.reason
         return ConnectError(host.name, f"{reason} while running a pickled function; "
                             "check the host and call again.")
-    if exc.kind in ("python", "env"):
+    if exc.kind == "env":
+        return CommandError(host.name, exc.reason)
+    if exc.kind == "python":
         return CommandError(host.name, f"{exc.reason}. Install Python 3 there, or fix "
                             "`python:` / `venv` / `conda_env` in the inventory.")
     return CommandError(host.name, f"{exc.reason} while running a pickled function (out of "

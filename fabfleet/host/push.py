@@ -14,7 +14,6 @@ import os
 import posixpath
 import secrets
 import shutil
-import stat
 import subprocess
 import tarfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from ..config.deadlines import TREE_COMMAND, deadlines
 from ..errors import LocalError, TransferError, host_errors
 from ..ssh import shell
-from ..ssh.connect import sftp_client, ssh_command_for
+from ..ssh.connect import sftp_client, sftp_makedirs, ssh_command_for
 from ..ssh.exec import execute, send_all
 from ..ssh.liveness import watched
 from .files import FIND_LISTING, LocalFile, Progress, local_files, parse_find_listing, sftp_manifest
@@ -258,7 +257,7 @@ def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
             target = posixpath.join(top, f.rel)
             parent = posixpath.dirname(target)
             if parent not in made:
-                _sftp_makedirs(sftp, parent)
+                sftp_makedirs(sftp, parent)
                 made.add(parent)
             tmp = os.fsencode(posixpath.join(parent, f".fabfleet-tmp.{tag}."
                                              f"{posixpath.basename(target)}"))
@@ -296,21 +295,3 @@ def _open_local(path: Path):
         raise LocalError(f"{path}: cannot read it to push: {exc.strerror or exc}") from None
     with f:
         yield f
-
-
-def _sftp_makedirs(sftp, path: str) -> None:
-    parts = []
-    while path not in ("", ".", "/"):
-        try:
-            sftp.stat(os.fsencode(path))
-            break
-        except FileNotFoundError:
-            parts.append(path)
-            path = posixpath.dirname(path)
-    for p in reversed(parts):
-        try:
-            sftp.mkdir(os.fsencode(p), mode=0o700)
-        except OSError:
-            if not stat.S_ISDIR(sftp.stat(os.fsencode(p)).st_mode):  # made by a concurrent push?
-                raise
-

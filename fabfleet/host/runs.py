@@ -106,11 +106,9 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
         raise CommandError(host.name, f"Python interpreter {host.python!r} was not found on "
                            "the host. Install Python 3 there, or set `python:` in the "
                            "inventory to its full path.", exit_code=code, stderr=stderr_tail)
-    if _ERR + " env" in stderr_tail and code == 97:
-        raise CommandError(host.name, f"the host's environment did not activate: "
-                           f"{stderr_tail.replace(_ERR + ' env', '').strip()}. Fix `venv` / "
-                           "`conda_env` in the inventory or run `fabfleet setup-workdir`.",
-                           exit_code=code, stderr=stderr_tail)
+    if code == 97 and (_ERR + " env" in stderr_tail or _ERR + " setup" in stderr_tail):
+        raise CommandError(host.name, shell.env_failure(host, stderr_tail), exit_code=code,
+                           stderr=stderr_tail)
     if code == runner.SCRIPT_MISSING and "script:" in marker:
         raise CommandError(host.name, f"{script_in_project} is not in {lay['project']} on the "
                            "host: push the project first (`fabfleet push`), or run without "

@@ -4,17 +4,22 @@ and clean up what a project's runs left there. Paths come from
 
 from __future__ import annotations
 
-import base64
+import functools
+import io
 import os
 import posixpath
+import zipfile
 from pathlib import Path
 
 from ..config.deadlines import INSTALL, QUICK_COMMAND, TREE_COMMAND
 from ..config.inventory import Host
 from ..config.settings import layout
 from ..errors import CommandError, LocalError
+from ..errors import host_errors
 from ..ssh import shell
+from ..ssh.connect import sftp_client, sftp_makedirs
 from ..ssh.exec import execute
+from ..ssh.liveness import watched
 
 _ERR = shell.ERR
 
@@ -51,24 +56,46 @@ def setup_workdir(c, *, project: str | None = None,
     if not req.is_file():
         raise LocalError(f"{req}: requirements file not found")
     venv = shell.path(lay["venv"])
-    blob = base64.b64encode(req.read_bytes()).decode()
     py = shell.q(host.python)
-    script = (
+    pip_zip = f"~/.cache/fabfleet/pip-{_local_pip()[0]}.pyz"
+    # One round trip: make the venv (without pip when the host's Python has no
+    # ensurepip: python3-venv is a separate package on Debian/Ubuntu), say whether it
+    # has pip, and whether our copy of pip is already cached on the host.
+    make = (
         f"umask 077 && mkdir -p -- {shell.path(posixpath.dirname(lay['venv']))} && "
-        f"{{ [ -x {venv}/bin/python ] || {py} -m venv -- {venv} || "
+        f"{{ [ -x {venv}/bin/python ] || {py} -m venv -- {venv} 2>/dev/null || "
+        f"{{ rm -rf -- {venv}; {py} -m venv --without-pip -- {venv}; }} || "
         f"{{ echo {shell.q(_ERR + ' venv')} >&2; exit 98; }}; }} && "
-        f"printf %s {shell.q(blob)} | base64 -d > {venv}/requirements.txt && "
-        f"{venv}/bin/python -m pip install --disable-pip-version-check -q "
-        f"-r {venv}/requirements.txt")
-    result = execute(c, shell.sh(script), timeout=timeout,
-                     action=f"create the venv and pip install -r {req.name}")
+        f"{{ {venv}/bin/python -m pip --version >/dev/null 2>&1 && echo pip=venv || "
+        f"{{ [ -f {shell.path(pip_zip)} ] && echo pip=cached || echo pip=none; }}; }}")
+    result = execute(c, shell.in_env(host, make, activate=False), timeout=QUICK_COMMAND,
+                     action=f"create the venv {lay['venv']}")
     if result.exit_code != 0:
-        hint = ("the host's Python cannot make venvs: install python3-venv there "
-                "(Debian/Ubuntu) or point `venv` at an existing one"
-                if _ERR + " venv" in result.stderr else
-                "read pip's message above; fix the requirements or the host's network")
-        raise CommandError(host.name, f"setting up {lay['venv']} failed (exit "
-                           f"{result.exit_code}):\n{result.stderr.strip()[-1500:]}\n{hint}.",
+        raise CommandError(host.name, f"could not create the venv {lay['venv']}: "
+                           f"{result.stderr.strip()[-800:]}. The host's Python cannot make "
+                           "venvs even without pip: point `venv` at an existing one, or "
+                           "install python3-venv there.", exit_code=result.exit_code,
+                           stderr=result.stderr)
+    pip_state = result.stdout.strip().rpartition("pip=")[2]
+    # The requirements (and, for a venv without pip, this machine's pip as a zip app:
+    # never a download) travel over SFTP, never on a command line.
+    with watched(c, "send the requirements"), host_errors(host.name, "send the requirements"):
+        sftp = sftp_client(c)
+        put_private(sftp, req.read_bytes(), f"{lay['venv']}/requirements.txt")
+        if pip_state == "none":
+            sftp_makedirs(sftp, posixpath.dirname(shell.home_relative(pip_zip)))
+            put_private(sftp, _local_pip()[1], pip_zip)
+    pip = f"{venv}/bin/python -m pip" if pip_state == "venv" else \
+        f"{venv}/bin/python {shell.path(pip_zip)}"
+    script = (f"{pip} install --disable-pip-version-check -q "
+              f"-r {venv}/requirements.txt")
+    result = execute(c, shell.in_env(host, script, activate=False), timeout=timeout,
+                     action=f"pip install -r {req.name} in {lay['venv']}")
+    if result.exit_code != 0:
+        raise CommandError(host.name, f"pip install -r {req.name} in {lay['venv']} failed "
+                           f"(exit {result.exit_code}):\n{result.stderr.strip()[-1500:]}\n"
+                           "Read pip's message above; fix the requirements or the host's "
+                           "network (or ship wheels with the project and use --find-links).",
                            exit_code=result.exit_code, stderr=result.stderr)
     report.update(venv=lay["venv"], installed=str(req))
     return report
@@ -91,3 +118,33 @@ def clean(c, project: str, *, code: bool = False, venv: bool = False,
         raise CommandError(host.name, f"clean failed: {result.stderr.strip()[-500:]}",
                            exit_code=result.exit_code, stderr=result.stderr)
     return targets
+
+
+@functools.lru_cache(maxsize=1)
+def _local_pip() -> tuple[str, bytes]:
+    """``(version, zip app)`` of this machine's pip: a venv made without pip installs
+    with it (``python pip.pyz install …``), as a host without cloudpickle gets ours."""
+    try:
+        import pip
+    except ImportError:
+        raise LocalError("the host's venv has no pip and this machine has none to lend: "
+                         "install pip here, or python3-venv on the host") from None
+    root = Path(pip.__file__).parent
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("__main__.py", "import runpy\nrunpy.run_module('pip', run_name='__main__',"
+                   " alter_sys=True)\n")
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                z.write(f, f"pip/{f.relative_to(root).as_posix()}")
+    return pip.__version__, out.getvalue()
+
+
+def put_private(sftp, data: bytes, remote: str) -> None:
+    """Write ``data`` to ``remote`` (``~`` = the home), 0600, whole or not at all."""
+    path = shell.home_relative(remote)
+    tmp = f"{path}.fabfleet-part"
+    with sftp.open(tmp, "wb") as f:
+        f.chmod(0o600)
+        f.write(data)
+    sftp.posix_rename(tmp, path)

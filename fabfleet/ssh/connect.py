@@ -4,23 +4,43 @@
 :class:`FleetConnection` that verifies host keys (:mod:`fabfleet.ssh.hostkeys`), uses
 the host's deadlines (:mod:`fabfleet.config.deadlines`), and names its host in every
 error. :func:`ssh_command_for` gives an OpenSSH subprocess (rsync's ``-e``) the same
-settings and checks; :func:`sftp_client` an SFTP session with a per-operation deadline.
+route, settings and checks; :func:`sftp_client` an SFTP session with a deadline.
+
+**Routes.** A host with ``jump:`` in the inventory (or ``ProxyJump`` in ssh_config) is
+reached through its bastions, each one a verified :class:`FleetConnection` of its own
+(same host-key policy, deadlines and watchdog as a target). One connection per bastion
+is shared by every target behind it in this process, so a fan-out logs in to the
+bastion once, and at most :data:`HANDSHAKES_PER_GATEWAY` targets shake hands through it
+at a time. The target's ``hostname`` is resolved by the last hop, as ``ssh -J`` does.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import posixpath
+import stat
+import shlex
 import socket
+import threading
 
 import fabric
+import paramiko
 from paramiko.config import SSHConfig
 
 from ..config.deadlines import deadlines
 from ..config.inventory import Host
-from ..errors import AuthError, FleetError, host_errors
-from .hostkeys import HostKeyPolicy, host_key_name, known_host_keys, known_hosts_files
+from ..errors import AuthError, ConnectError, FleetError, HostError, HostKeyError, host_errors
+from .hostkeys import HostKeyPolicy, host_key_name, known_hosts_files, negotiation
 
 SSH_CONFIG_ENV = "FABFLEET_SSH_CONFIG"
+# paramiko logs refused channels and failed handshakes at ERROR; with no handler set,
+# Python would print them raw to stderr. fabfleet raises them as errors instead.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+#: targets opening their connection through one bastion at once (stock sshd's
+#: MaxStartups starts dropping unauthenticated connections past 10)
+HANDSHAKES_PER_GATEWAY = 8
 
 
 def ssh_config_file() -> SSHConfig:
@@ -29,42 +49,138 @@ def ssh_config_file() -> SSHConfig:
     return SSHConfig.from_path(path) if os.path.exists(path) else SSHConfig()
 
 
-
 class FleetConnection(fabric.Connection):
     """A Fabric connection that verifies host keys, sets TCP_NODELAY, and names its host.
 
-    ``.fleet_host`` is the inventory :class:`Host`. Opening translates paramiko and socket
-    errors into :class:`~fabfleet.errors.HostError` subclasses carrying the host name.
+    ``.fleet_host`` is the inventory :class:`Host`; ``.route`` the bastions' names, first
+    hop first. Opening translates paramiko and socket errors into
+    :class:`~fabfleet.errors.HostError` subclasses carrying the host name.
     """
 
     fleet_host: Host
+    route: tuple[str, ...] = ()
+    handshakes: threading.BoundedSemaphore | None = None
 
     def open(self):  # noqa: D102 - fabric API
         if self.is_connected:
             return None
         name = self.fleet_host.name
+        via = f" via {' -> '.join(self.route)}" if self.route else ""
+        gate = self.gateway.handshakes if isinstance(self.gateway, FleetConnection) else None
         try:
-            with host_errors(name, f"connect to {self.host}:{self.port} as {self.user}",
-                             known_hosts=tuple(self.known_hosts_files),
-                             host_key_name=host_key_name(self.host, self.port)):
-                result = super().open()
-                sock = self.client.get_transport().sock
-                if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET,
-                                                                       socket.AF_INET6):
-                    # Without it a short command waits on Nagle + delayed ACK: ~48 ms vs ~4 ms.
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except FleetError:
+            if gate is not None:
+                gate.acquire()
+            try:
+                with host_errors(name, f"connect to {self.host}:{self.port} as {self.user}{via}"):
+                    result = super().open()
+            finally:
+                if gate is not None:
+                    gate.release()
+            sock = self.client.get_transport().sock
+            if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET,
+                                                                   socket.AF_INET6):
+                # Without it a short command waits on Nagle + delayed ACK: ~48 ms vs ~4 ms.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except HostError as exc:
             self.client.close()  # a refused handshake leaves paramiko's thread running
+            raise self._named(exc) from exc
+        except FleetError:
+            self.client.close()
             raise
         return result
+
+    def _named(self, exc: HostError) -> HostError:
+        """An error of a bastion, or of key negotiation, told as this host's error."""
+        cause = exc.__cause__
+        if isinstance(cause, paramiko.SSHException) and "no acceptable host key" in str(cause):
+            return HostKeyError(self.fleet_host.name, (
+                f"{self.host}:{self.port} offers none of the host-key types known_hosts "
+                f"records for it ({host_key_name(self.host, self.port)}), so fabfleet refused "
+                "it, as ssh does. If its keys were replaced, check the new fingerprint "
+                "with its owner and update known_hosts."))
+        if exc.host != self.fleet_host.name:
+            return type(exc)(self.fleet_host.name, f"through bastion {exc.host}: {exc.detail}") \
+                if type(exc) in (ConnectError, AuthError, HostKeyError) else exc
+        return exc
+
+    def open_gateway(self):  # noqa: D102 - fabric API
+        """The channel to this host through its bastion, under our deadline and with the
+        bastion's refusal told apart from an unreachable target."""
+        if not isinstance(self.gateway, FleetConnection):
+            return super().open_gateway()
+        bastion = self.gateway
+        bastion.open()
+        try:
+            return bastion.transport.open_channel(
+                "direct-tcpip", (self.host, int(self.port)), ("", 0),
+                timeout=deadlines(self.fleet_host).handshake)
+        except paramiko.ChannelException as exc:
+            if exc.code == 1:  # administratively prohibited
+                raise ConnectError(self.fleet_host.name, (
+                    f"bastion {bastion.fleet_host.name} refused to forward to {self.host}:"
+                    f"{self.port} ({exc.text}): its sshd does not allow TCP forwarding for "
+                    "you (AllowTcpForwarding / PermitOpen). Ask its admin, or use another "
+                    "bastion.")) from exc
+            raise ConnectError(self.fleet_host.name, (
+                f"bastion {bastion.fleet_host.name} could not reach {self.host}:{self.port} "
+                f"({exc.text}): the name does not resolve there, or nothing listens. Check "
+                "`hostname` and `port` (they are resolved by the bastion).")) from exc
+
+
+_gateways: dict[str, FleetConnection] = {}
+_gateways_lock = threading.Lock()
+
+
+def _gateway(hop: Host) -> FleetConnection:
+    """The one shared connection to bastion ``hop`` in this process (opened on use)."""
+    key = repr(hop)
+    with _gateways_lock:
+        conn = _gateways.get(key)
+        if conn is None:
+            conn = _gateways[key] = connect(hop)
+            conn.handshakes = threading.BoundedSemaphore(HANDSHAKES_PER_GATEWAY)
+        return conn
+
+
+@atexit.register
+def close_gateways() -> None:
+    """Close every shared bastion connection (at exit; tests call it between tests)."""
+    with _gateways_lock:
+        conns = list(_gateways.values())
+        _gateways.clear()
+    for c in conns:
+        c.close()
+
+
+def _proxy_jump_hops(host: Host, spec: str) -> tuple[Host, ...]:
+    """ssh_config's ``ProxyJump`` (``[user@]host[:port],…``) as hop records that inherit
+    the target's key, deadlines and host-key policy (each hop's own ssh_config entry
+    still applies, as ``ssh -J`` applies it)."""
+    hops = []
+    for part in spec.split(","):
+        part = part.strip()
+        user, _, rest = part.rpartition("@")
+        name, _, port = rest.partition(":")
+        if name.startswith("["):
+            name, _, port = rest[1:].partition("]:")
+        hops.append(Host(name=rest, hostname=None, port=int(port) if port else None,
+                         user=user or None, key_file=host.key_file,
+                         connect_timeout=host.connect_timeout,
+                         host_key_policy=host.host_key_policy, known_hosts=host.known_hosts,
+                         inherited=frozenset({"key_file"}), hops=tuple(hops)))
+        object.__setattr__(hops[-1], "hostname", None)
+        if name != rest:  # "host:port" names the host "host" for ssh_config look-ups
+            hops[-1] = Host(**{**hops[-1].__dict__, "name": name})
+    return tuple(hops)
 
 
 def connect(host: Host) -> FleetConnection:
     """A not-yet-opened connection to ``host``; it opens on first use.
 
-    Uses the host's user, port, key file and connect timeout; a host without
-    ``hostname`` is looked up in ~/.ssh/config like ``ssh NAME`` would, and its
-    ssh_config values win over inventory ``defaults`` (not over its own entry).
+    Uses the host's user, port, key file and deadlines; a host without ``hostname`` is
+    looked up in ~/.ssh/config like ``ssh NAME`` would, and its ssh_config values win
+    over inventory ``defaults`` (not over its own entry). Bastions: see the module
+    docstring.
     """
     ssh_config = ssh_config_file()
     config = fabric.Config(
@@ -85,6 +201,10 @@ def connect(host: Host) -> FleetConnection:
         raise AuthError(host.name, f"key_file {key_file} does not exist on this machine. Fix "
                         "`key_file` in the inventory, or create a key with `ssh-keygen -t "
                         "ed25519` and install it on the host with `ssh-copy-id`.")
+    hops = host.hops
+    if not hops and not host.jump and looked_up.get("proxyjump", "none").lower() != "none":
+        hops = _proxy_jump_hops(host, looked_up["proxyjump"])
+    gateway = _gateway(hops[-1]) if hops else False  # False: never Fabric's own ProxyJump
     limits = deadlines(host)
     connect_kwargs = {"banner_timeout": limits.handshake, "auth_timeout": limits.handshake,
                       "channel_timeout": limits.handshake}
@@ -97,13 +217,15 @@ def connect(host: Host) -> FleetConnection:
         config=config,
         connect_timeout=limits.connect,
         connect_kwargs=connect_kwargs,
+        gateway=gateway,
     )
     conn.fleet_host = host
-
-    files = known_hosts_files(host, conn.ssh_config)
-    for f in files:
-        known_host_keys(f, host.name)  # a broken file is an error now, naming file and line
-    record_to = host.known_hosts or files[0]
+    conn.route = tuple(h.name for h in hops)
+    files, record_to = known_hosts_files(host, conn.ssh_config)
+    lookup_name = host_key_name(conn.host, conn.port)
+    preferred = negotiation(files, lookup_name)
+    if preferred:
+        conn.connect_kwargs["disabled_algorithms"] = preferred
     conn.client.set_missing_host_key_policy(HostKeyPolicy(host, files, record_to))
     conn.known_hosts_files = files
     return conn
@@ -117,15 +239,36 @@ def sftp_client(c):
     return sftp
 
 
-def ssh_command_for(c) -> list[str]:
-    """An OpenSSH command line with the connection's settings (for rsync ``-e``).
+def sftp_makedirs(sftp, path: str) -> None:
+    """Make ``path`` and its parents over SFTP (0700), as ``mkdir -p`` would."""
+    parts = []
+    while path not in ("", ".", "/"):
+        try:
+            sftp.stat(os.fsencode(path))
+            break
+        except FileNotFoundError:
+            parts.append(path)
+            path = posixpath.dirname(path)
+    for p in reversed(parts):
+        try:
+            sftp.mkdir(os.fsencode(p), mode=0o700)
+        except OSError:
+            if not stat.S_ISDIR(sftp.stat(os.fsencode(p)).st_mode):  # made by a concurrent push?
+                raise
 
-    Same user, port, key, deadlines and host-key checks as fabfleet's own connections:
-    the same known_hosts files, and ``StrictHostKeyChecking`` per the host's policy.
-    """
+
+
+def ssh_command_for(c) -> list[str]:
+    """An OpenSSH command line with the connection's route and settings (rsync's
+    ``-e``): same user, port, key, deadlines and host-key checks as fabfleet's own
+    connections — the same known_hosts files, ``StrictHostKeyChecking`` per the host's
+    policy — and the same bastions, each hop with its own checks (a ``ProxyCommand``
+    of ``ssh -W``, never ``-J``, which would drop these options for the hops)."""
     host = c.fleet_host
+    files = getattr(c, "known_hosts_files", None) or known_hosts_files(host, c.ssh_config)[0]
     argv = ["ssh", "-p", str(c.port), "-o", "BatchMode=yes", *deadlines(host).ssh_options(),
-            "-o", "UserKnownHostsFile=" + " ".join(c.known_hosts_files),
+            "-o", "UserKnownHostsFile=" + (" ".join(files) or "none"),
+            "-o", "GlobalKnownHostsFile=none",
             "-o", "StrictHostKeyChecking=" + ("accept-new" if host.host_key_policy ==
                                               "accept-new" else "yes")]
     ssh_config = os.environ.get(SSH_CONFIG_ENV)
@@ -135,4 +278,10 @@ def ssh_command_for(c) -> list[str]:
         argv += ["-i", key]
     if c.user:
         argv += ["-l", c.user]
+    if isinstance(c.gateway, FleetConnection):
+        hop = ssh_command_for(c.gateway) + ["-W", "%h:%p", c.gateway.host]
+        argv += ["-o", "ProxyCommand=" + " ".join(shlex.quote(a).replace("%", "%%")
+                                                    if a != "%h:%p" else a for a in hop)]
+    else:
+        argv += ["-o", "ProxyJump=none", "-o", "ProxyCommand=none"]
     return argv

@@ -32,14 +32,14 @@ def python_command(host: Host, module: ModuleType, args: Sequence[str] = (), *,
                    project: str | None = None, unbuffered: bool = False,
                    report_env_error: bool = False) -> str:
     """``sh -c '<env prefix> exec PYTHON [-u] -c SOURCE ARGS…'`` for ``module`` on
-    ``host``; every argument quoted. See :func:`fabfleet.ssh.shell.env_prefix` for
+    ``host``; every argument quoted. See :func:`fabfleet.ssh.shell.in_env` for
     ``project`` (whose venv) and ``report_env_error`` (the probe's mode: the activation's
     error message is passed as the last argument)."""
     flags = "-u " if unbuffered else ""
     tail = ' "$fabfleet_env_err"' if report_env_error else ""  # the probe reports it
-    return shell.sh(shell.env_prefix(host, project, report_env_error=report_env_error)
-                    + f"exec {shell.q(host.python)} {flags}-c {shell.q(source(module))} "
-                    + shell.join(args) + tail)
+    return shell.in_env(host, f"exec {shell.q(host.python)} {flags}-c {shell.q(source(module))} "
+                        + shell.join(args) + tail, project=project,
+                        report_env_error=report_env_error)
 
 
 def file_of(module: ModuleType) -> Path:

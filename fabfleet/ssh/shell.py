@@ -1,7 +1,7 @@
 """Every remote command line is built here, with every value ``shlex.quote``d.
 
 Commands are POSIX ``sh``: they are wrapped in ``sh -c '…'`` so that a user whose login
-shell is fish or tcsh gets the same behaviour. :func:`env_prefix` is the one way into a
+shell is fish or tcsh gets the same behaviour. :func:`in_env` is the one way into a
 host's environment (``env`` vars, venv or conda env, the interpreter check); the one
 launcher of host-side Python built on it is :mod:`fabfleet.ssh.launch`.
 """
@@ -103,26 +103,81 @@ def run_activation(host: Host, project: str | None = None) -> str:
 ERR = "fabfleet-error:"  # marks our own failures on stderr, apart from the user's program
 
 
-def env_prefix(host: Host, project: str | None = None, *, report_env_error: bool = False) -> str:
-    """Shell that sets the host's ``env`` vars, activates its env (see
-    :func:`run_activation`) and checks the interpreter exists, before ``exec PYTHON …``.
+def _setup(host: Host, report: bool) -> str:
+    """The host's ``setup:`` lines, in this shell (so what they change stays). A failing
+    line stops the command with exit 97 and ``fabfleet-error: setup: LINE`` on stderr;
+    with ``report`` (the probe), it is noted in ``$fabfleet_env_err`` instead."""
+    out = ""
+    for line in host.setup:
+        said = q(f"{ERR} setup: {line}")
+        if report:
+            out += (f'[ -n "$fabfleet_env_err" ] || {{ {line}\n}} 2>"$fabfleet_t" || '
+                    f'fabfleet_env_err="setup line failed: "{q(line)}": $(cat "$fabfleet_t")"; ')
+        else:
+            out += f"{{ {line}\n}} || {{ echo {said} >&2; exit 97; }}; "
+    return out
 
-    Fails with exit 97 (``fabfleet-error: env``) when the env does not activate and 127
-    (``fabfleet-error: python``) when the interpreter is missing. With
-    ``report_env_error`` (the environment probe), a failed activation does not stop the
-    command: its message is left in ``$fabfleet_env_err`` for the program to report."""
-    act = run_activation(host, project) or "true"
+
+def in_env(host: Host, script: str, *, project: str | None = None, activate: bool = True,
+           report_env_error: bool = False) -> str:
+    """The whole remote command for ``script`` (POSIX sh) inside the host's environment:
+    ``env`` vars exported, ``setup:`` lines run, the venv/conda env activated (see
+    :func:`run_activation`; not with ``activate=False``), the interpreter checked.
+
+    With ``shell: login`` the ``setup:`` lines run in the user's own login shell started
+    as a login shell (its profile scripts define ``module`` and friends), which then
+    hands over to ``sh`` with the environment it built.
+
+    Fails with exit 97 (``fabfleet-error: setup: LINE`` or ``fabfleet-error: env``) when
+    a setup line fails or the env does not activate, and 127 (``fabfleet-error:
+    python``) when the interpreter is missing. With ``report_env_error`` (the
+    environment probe), a failed setup or activation does not stop the command: its
+    message is left in ``$fabfleet_env_err`` for the program to report."""
+    act = (run_activation(host, project) if activate else "") or "true"
     py = q(host.python)
+    first = ""
     if report_env_error:
+        first = 'fabfleet_env_err=; fabfleet_t=$(mktemp) || fabfleet_t=/dev/null; '
         # Activate in this shell (a subshell would not keep it); keep its stderr.
-        activate = ('fabfleet_env_err=; fabfleet_t=$(mktemp) && '
-                    f'{{ {{ {act}; }} >/dev/null 2>"$fabfleet_t" || '
-                    '{ fabfleet_env_err=$(cat "$fabfleet_t"); '
-                    '[ -n "$fabfleet_env_err" ] || fabfleet_env_err="activation failed"; }; '
-                    'rm -f "$fabfleet_t"; }; ')
+        activation_part = (f'[ -n "$fabfleet_env_err" ] || {{ {{ {act}; }} >/dev/null '
+                           '2>"$fabfleet_t" || { fabfleet_env_err=$(cat "$fabfleet_t"); '
+                           '[ -n "$fabfleet_env_err" ] || fabfleet_env_err="activation '
+                           'failed"; }; }; rm -f "$fabfleet_t" 2>/dev/null; ')
     else:
-        activate = f"{{ {act}; }} || {{ echo {q(ERR + ' env')} >&2; exit 97; }}; "
-    return (exports(host.env) + activate
-            + f"command -v {py} >/dev/null 2>&1 || {{ echo "
-            f"{q(f'{ERR} python: {host.python} not found on this host')} >&2; "
-            "exit 127; }; ")
+        activation_part = f"{{ {act}; }} || {{ echo {q(ERR + ' env')} >&2; exit 97; }}; "
+    check = (f"command -v {py} >/dev/null 2>&1 || {{ echo "
+             f"{q(f'{ERR} python: {host.python} not found on this host')} >&2; exit 127; }}; ")
+    setup = _setup(host, report_env_error)
+    if host.shell != "login":
+        return sh(first + exports(host.env) + setup + activation_part + check + script)
+    # The login shell runs the setup lines, then becomes sh (exec) with their environment.
+    inner = (first + exports(host.env) + setup
+             + ("export fabfleet_env_err fabfleet_t; " if report_env_error else "")
+             + 'exec /bin/sh -c "$1"')
+    return sh(f'exec "${{SHELL:-/bin/sh}}" -l -c {q(inner)} fabfleet-login '
+              + q(activation_part + check + script))
+
+
+def env_failure(host: Host, stderr: str) -> str:
+    """What a failed setup line or activation said (``stderr`` of a command that exited
+    97), as one sentence with the fix, naming the setup line that failed."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    marker = next((ln for ln in lines if ln.startswith(f"{ERR} setup: ")), None)
+    said = "; ".join(ln for ln in lines if not ln.startswith(ERR))[-500:]
+    if marker is not None:
+        line = marker[len(f"{ERR} setup: "):]
+        return (f"the setup line `{line}` failed" + (f" ({said})" if said else "")
+                + ". " + setup_hint(host, said))
+    return (f"the host's environment did not activate ({said or 'no message'}). Fix `venv` / "
+            "`conda_env` in the inventory or run `fabfleet setup-workdir`.")
+
+
+def setup_hint(host: Host, said: str) -> str:
+    """The fix for a failed setup line: ``module`` (and conda's, micromamba's shell
+    functions) exist only where a login shell's profile defined them."""
+    missing = "not found" in said or "command not found" in said
+    if missing and host.shell != "login" and any(w in " ".join(host.setup) for w in
+                                                 ("module", "ml ", "conda", "micromamba")):
+        return ("`module` (like conda's shell function) is defined by login-shell profile "
+                "scripts: set `shell: login` for this host so setup runs in your login shell.")
+    return "Fix that line in the inventory's `setup:`, or run it by hand on the host to see why."
