@@ -72,7 +72,7 @@ def fleet(docker_services, tmp_path_factory, user_install):
     """The running testbed: ``fleet.inventory_path``, ``fleet.known_hosts``, ``fleet.port()``."""
     for name in testbed.HOSTS:
         docker_services.wait_until_responsive(
-            check=lambda n=name: testbed.ssh_ready(testbed.port(n, PREFIX)),
+            check=lambda n=name: testbed.ssh_ready(testbed.port(n, PREFIX), testbed.address(n)),
             timeout=60, pause=0.1)
     state = tmp_path_factory.mktemp("fleet")
     known = testbed.scan_host_keys(PREFIX, state / "known_hosts")
@@ -104,6 +104,12 @@ def fleet(docker_services, tmp_path_factory, user_install):
 
         bin = user_install
 
+        #: the lab hosts' inventory and ssh_config (see testbed.lab_inventory_text)
+        lab_inventory = state / "lab_inventory.yaml"
+        lab_ssh_config = state / "lab_ssh_config"
+
+    Fleet.lab_inventory.write_text(testbed.lab_inventory_text(PREFIX, known))
+    Fleet.lab_ssh_config.write_text(testbed.lab_ssh_config(PREFIX))
     return Fleet
 
 
@@ -124,7 +130,9 @@ def fresh_workers():
     """Close every payload worker and connection after the test (fresh pools next)."""
     yield
     import fabfleet
+    from fabfleet.ssh.connect import close_gateways
     fabfleet.close_workers()
+    close_gateways()
 
 
 @pytest.fixture

@@ -57,13 +57,24 @@ class FleetConnection(fabric.Connection):
     :class:`~fabfleet.errors.HostError` subclasses carrying the host name.
     """
 
-    fleet_host: Host
+    # Declared here so that setting them is a plain attribute: Invoke stores unknown
+    # attributes of a Connection in its config, which copies them.
+    fleet_host: Host = None  # type: ignore[assignment]
     route: tuple[str, ...] = ()
+    known_hosts_files: list[str] = []
     handshakes: threading.BoundedSemaphore | None = None
+    _fabfleet_opening: threading.Lock | None = None
+    _fabfleet_watchdog = None
 
     def open(self):  # noqa: D102 - fabric API
         if self.is_connected:
             return None
+        with self._fabfleet_opening:  # a shared bastion is opened by many targets' threads at once
+            if self.is_connected:
+                return None
+            return self._open()
+
+    def _open(self):
         name = self.fleet_host.name
         via = f" via {' -> '.join(self.route)}" if self.route else ""
         gate = self.gateway.handshakes if isinstance(self.gateway, FleetConnection) else None
@@ -142,6 +153,12 @@ def _gateway(hop: Host) -> FleetConnection:
         return conn
 
 
+def open_gateways() -> list[str]:
+    """The bastions this process holds a shared connection to (their names)."""
+    with _gateways_lock:
+        return [c.fleet_host.name for c in _gateways.values()]
+
+
 @atexit.register
 def close_gateways() -> None:
     """Close every shared bastion connection (at exit; tests call it between tests)."""
@@ -156,21 +173,21 @@ def _proxy_jump_hops(host: Host, spec: str) -> tuple[Host, ...]:
     """ssh_config's ``ProxyJump`` (``[user@]host[:port],…``) as hop records that inherit
     the target's key, deadlines and host-key policy (each hop's own ssh_config entry
     still applies, as ``ssh -J`` applies it)."""
-    hops = []
+    hops: list[Host] = []
     for part in spec.split(","):
-        part = part.strip()
-        user, _, rest = part.rpartition("@")
-        name, _, port = rest.partition(":")
-        if name.startswith("["):
-            name, _, port = rest[1:].partition("]:")
-        hops.append(Host(name=rest, hostname=None, port=int(port) if port else None,
-                         user=user or None, key_file=host.key_file,
-                         connect_timeout=host.connect_timeout,
+        user, _, rest = part.strip().rpartition("@")
+        name, port = rest, None
+        if rest.startswith("[") and "]" in rest:
+            name, _, tail = rest[1:].partition("]")
+            port = tail[1:] or None
+        elif rest.count(":") == 1:
+            name, port = rest.split(":")
+        inherited = {"key_file"} | ({"user"} if not user else set()) | \
+            ({"port"} if not port else set())
+        hops.append(Host(name=name, port=int(port) if port else None, user=user or None,
+                         key_file=host.key_file, connect_timeout=host.connect_timeout,
                          host_key_policy=host.host_key_policy, known_hosts=host.known_hosts,
-                         inherited=frozenset({"key_file"}), hops=tuple(hops)))
-        object.__setattr__(hops[-1], "hostname", None)
-        if name != rest:  # "host:port" names the host "host" for ssh_config look-ups
-            hops[-1] = Host(**{**hops[-1].__dict__, "name": name})
+                         inherited=frozenset(inherited), hops=tuple(hops)))
     return tuple(hops)
 
 
@@ -220,6 +237,7 @@ def connect(host: Host) -> FleetConnection:
         gateway=gateway,
     )
     conn.fleet_host = host
+    conn._fabfleet_opening = threading.Lock()
     conn.route = tuple(h.name for h in hops)
     files, record_to = known_hosts_files(host, conn.ssh_config)
     lookup_name = host_key_name(conn.host, conn.port)
