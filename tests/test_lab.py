@@ -329,3 +329,36 @@ def test_key_flows_at_50ms_round_trip(fleet, tmp_path):
     assert check_trips < 20, check_trips
     assert warm_trips < 2.5, warm_trips
     assert run_trips < 30, run_trips
+
+
+# -- services on real addresses ------------------------------------------------------------
+def test_tunnel_to_a_service_on_the_hosts_own_address(fleet, lab):
+    """A service bound to the host's address (127.0.0.6 here), not its loopback: the
+    tunnel reaches it with --remote-host; without it, the refusal is reported."""
+    import socket
+    import urllib.request
+
+    from fabfleet import Tunnel
+    with socket.socket() as s:
+        s.bind(("127.0.0.6", 0))
+        port = s.getsockname()[1]
+    with lab.connect("stock") as c:
+        pid = execute(c, f"cd /tmp && nohup python3 -m http.server {port} --bind 127.0.0.6 "
+                         ">/dev/null 2>&1 & echo $!").stdout.strip()
+        try:
+            deadline = time.monotonic() + 10
+            while execute(c, f"python3 -c 'import socket; socket.create_connection("
+                             f"(\"127.0.0.6\", {port}), 1)'").exit_code != 0:
+                assert time.monotonic() < deadline, "the test service did not start"
+                time.sleep(0.2)
+            with Tunnel(c, port, remote_host="127.0.0.6") as t:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{t.local_port}/",
+                                              timeout=10).read()
+            assert b"Directory listing" in body
+            events: list[str] = []
+            with Tunnel(c, port, on_event=events.append) as t:
+                with pytest.raises(OSError):
+                    urllib.request.urlopen(f"http://127.0.0.1:{t.local_port}/", timeout=10)
+            assert events and f"127.0.0.1:{port} failed" in events[0]
+        finally:
+            execute(c, f"kill {pid}")

@@ -183,8 +183,10 @@ class DaskCluster:
         has joined (or ``timeout`` passes)."""
         from distributed import Client
         sc = self.conns[self.scheduler_name]
-        port = int(self.address.rsplit(":", 1)[1])
-        t = Tunnel(sc, port).start()
+        # to the address the scheduler listens on (the host's inventory address, which
+        # on a real host is not 127.0.0.1)
+        where, _, port = self.address.split("://", 1)[-1].rpartition(":")
+        t = Tunnel(sc, int(port), remote_host=where.strip("[]")).start()
         self.tunnels.append(t)
         client = Client(f"tcp://127.0.0.1:{t.local_port}", timeout=timeout)
         try:

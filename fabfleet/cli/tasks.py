@@ -329,10 +329,12 @@ def _event(message: str) -> None:
     render.say(message, err=True)
 
 
-@fleet_task(help={"remote_port": "the port on the host (its loopback) to reach",
+@fleet_task(help={"remote_port": "the port to reach, as seen from the host",
                   "host": "the host", "local_port": "local port on 127.0.0.1 "
-                  "(default 0: a free one, printed)"})
-def tunnel(c, remote_port, host=None, local_port=0):
+                  "(default 0: a free one, printed)",
+                  "remote_host": "the address on the host side the service listens on "
+                  "(default 127.0.0.1; a service bound to the host's own address needs it)"})
+def tunnel(c, remote_port, host=None, local_port=0, remote_host="127.0.0.1"):
     """Forward 127.0.0.1:LOCAL to a port on the host; prints 127.0.0.1:PORT. Ctrl-C stops."""
     from ..ssh.connect import connect
     from ..ssh.tunnel import Tunnel
@@ -340,7 +342,7 @@ def tunnel(c, remote_port, host=None, local_port=0):
     lp = port("--local-port", local_port, allow_zero=True)
     h = one_host(c, host)
     conn = connect(h)
-    t = Tunnel(conn, rp, lp, on_event=_event).start()
+    t = Tunnel(conn, rp, lp, remote_host=remote_host, on_event=_event).start()
     _serve_tunnel(t, conn, f"127.0.0.1:{t.local_port}")
     conn.close()
 
