@@ -27,9 +27,9 @@ Jupyter can never disagree:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import time
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,13 +49,7 @@ INVENTORY_FILE = "inventory.yaml"
 # -- the project -----------------------------------------------------------------------
 def find_project(start: str | os.PathLike[str] | None = None) -> Path:
     """The project root for ``start`` (default: the current directory)."""
-    return _find_project(os.fspath(start or os.getcwd()))
-
-
-@functools.lru_cache(maxsize=256)
-def _find_project(start: str) -> Path:
-    # Cached per directory: a warm payload call asks on every call.
-    here = Path(start).resolve()
+    here = Path(start or os.getcwd()).resolve()
     for d in (here, *here.parents):
         if any((d / marker).exists() for marker in PROJECT_MARKERS):
             return d
@@ -142,6 +136,23 @@ class Project:
             return None
         path = os.path.expanduser(str(configured))
         return path if os.path.isabs(path) else str(self.root / path)
+
+
+_recent: dict[str, tuple[float, str]] = {}
+
+
+def current_project_name() -> str:
+    """:func:`resolve_project`'s name for the current directory, remembered for a
+    second: a warm payload call asks on every call, and a project does not move that
+    fast."""
+    cwd = os.getcwd()
+    hit = _recent.get(cwd)
+    now = time.monotonic()
+    if hit and now - hit[0] < 1.0:
+        return hit[1]
+    name = resolve_project(cwd).name
+    _recent[cwd] = (now, name)
+    return name
 
 
 def resolve_project(cwd: str | os.PathLike[str] | None = None, *,

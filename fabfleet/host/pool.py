@@ -42,7 +42,7 @@ import cloudpickle
 
 from ..config.deadlines import INTERRUPT_GRACE, deadlines
 from ..config.inventory import Host
-from ..config.settings import resolve_project
+from ..config.settings import current_project_name
 from ..errors import (CommandError, ConnectError, DeadlineError, HostError, LocalError,
                       PythonMismatchError, RemoteError, TransferError, host_errors)
 from ..hostside import worker as proto
@@ -437,7 +437,7 @@ _pools_lock = threading.Lock()
 def pool_for(host: Host, project: str | None = None) -> HostPool:
     """The pool for ``host`` and ``project`` (default: the current directory's project,
     from :func:`~fabfleet.config.settings.resolve_project`), whose venv workers activate."""
-    project = project or resolve_project().name
+    project = project or current_project_name()
     key = (host.name, repr(host), project)
     pool = _pools.get(key)
     if pool is None or pool.closed:

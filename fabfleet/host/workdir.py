@@ -14,11 +14,12 @@ from pathlib import Path
 from ..config.deadlines import INSTALL, QUICK_COMMAND, TREE_COMMAND
 from ..config.inventory import Host
 from ..config.settings import layout
-from ..errors import CommandError, LocalError
-from ..errors import host_errors
+from ..errors import CommandError, LocalError, host_errors
+from ..hostside import pip_main
 from ..ssh import shell
 from ..ssh.connect import sftp_client, sftp_makedirs
 from ..ssh.exec import execute
+from ..ssh.launch import source
 from ..ssh.liveness import watched
 
 _ERR = shell.ERR
@@ -132,8 +133,7 @@ def _local_pip() -> tuple[str, bytes]:
     root = Path(pip.__file__).parent
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("__main__.py", "import runpy\nrunpy.run_module('pip', run_name='__main__',"
-                   " alter_sys=True)\n")
+        z.writestr("__main__.py", source(pip_main))
         for f in sorted(root.rglob("*")):
             if f.is_file() and "__pycache__" not in f.parts:
                 z.write(f, f"pip/{f.relative_to(root).as_posix()}")

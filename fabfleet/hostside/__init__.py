@@ -12,5 +12,6 @@ constants, and by the tests, which run them in local subprocesses.
 ``versions``    installed package versions (the Dask preflight)
 ``dask_app``    the Dask scheduler and workers, started as detached jobs
 ``jupyter_app`` finding, launching and waiting for a Jupyter server
+``pip_main``    the entry point of the pip zip app lent to venvs without pip
 ==============  ==============================================================
 """

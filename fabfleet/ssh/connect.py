@@ -100,6 +100,14 @@ class FleetConnection(fabric.Connection):
             raise
         return result
 
+    def close(self):  # noqa: D102 - fabric API
+        """Close, never raise: a connection through a bastion that is itself going away
+        can fail to say goodbye (EOFError), and that is no error of anyone's."""
+        try:
+            super().close()
+        except (EOFError, OSError, paramiko.SSHException):
+            pass
+
     def _named(self, exc: HostError) -> HostError:
         """An error of a bastion, or of key negotiation, told as this host's error."""
         cause = exc.__cause__
