@@ -96,8 +96,14 @@ class LatencyProxy:
             _Pipe(upstream, client, self.delay)
 
     def close(self) -> None:
+        """Stop listening and cut every connection (both ends see it end at once:
+        shutdown first, as close alone leaves a blocked recv holding the socket)."""
         self.closed = True
         for s in [self.listener, *self.connections]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 s.close()
             except OSError:
