@@ -122,11 +122,9 @@ def scan_host_keys(prefix: int, path: Path) -> Path:
     return path
 
 
-def inventory_text(prefix: int, known_hosts: Path, work_dir: str = "~/fabfleet") -> str:
-    """A ready inventory for the testbed on ports ``prefix``01…"""
-    p = {name: port(name, prefix) for name in HOSTS}
+def defaults(known_hosts: Path, work_dir: str) -> str:
+    """The ``defaults:`` block every testbed inventory shares."""
     return f"""\
-# Written by `inv testbed.up` for the local testbed; safe to delete.
 defaults:
   user: dev
   key_file: {KEY}
@@ -134,7 +132,15 @@ defaults:
   host_key_policy: strict
   connect_timeout: 5
   work_dir: {work_dir}
-hosts:
+"""
+
+
+def inventory_text(prefix: int, known_hosts: Path, work_dir: str = "~/fabfleet") -> str:
+    """A ready inventory for the testbed on ports ``prefix``01…"""
+    p = {name: port(name, prefix) for name in HOSTS}
+    return f"""\
+# Written by `inv testbed.up` for the local testbed; safe to delete.
+{defaults(known_hosts, work_dir)}hosts:
   ws1:
     hostname: 127.0.0.1
     port: {p['ws1']}
@@ -183,14 +189,7 @@ def lab_inventory_text(prefix: int, known_hosts: Path, work_dir: str = "~/fabfle
     """An inventory of the lab hosts: ``inner`` is reached through ``bastion``."""
     return f"""\
 # The testbed's lab-like hosts (stock sshd, other addresses, a bastion).
-defaults:
-  user: dev
-  key_file: {KEY}
-  known_hosts: {known_hosts}
-  host_key_policy: strict
-  connect_timeout: 5
-  work_dir: {work_dir}
-hosts:
+{defaults(known_hosts, work_dir)}hosts:
   stock:                    # no hostname: the ssh_config alias resolves it
     groups: [lab2]
     max_jobs: 12
