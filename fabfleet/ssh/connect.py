@@ -8,16 +8,17 @@ route, settings and checks; :func:`sftp_client` an SFTP session with a deadline.
 
 **Routes.** A host with ``jump:`` in the inventory (or ``ProxyJump`` in ssh_config) is
 reached through its bastions, each one a verified :class:`FleetConnection` of its own
-(same host-key policy, deadlines and watchdog as a target). One connection per bastion
-is shared by every target behind it in this process, so a fan-out logs in to the
-bastion once, and at most :data:`HANDSHAKES_PER_GATEWAY` targets shake hands through it
-at a time. The target's ``hostname`` is resolved by the last hop, as ``ssh -J`` does.
+(same host-key policy, deadlines and watchdog as a target), closed with the target. At
+most :data:`HANDSHAKES_PER_GATEWAY` connections shake hands through one bastion at a
+time in a process, so a fan-out stays under stock sshd's MaxStartups. The target's
+``hostname`` is resolved by the last hop, as ``ssh -J`` does.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import weakref
 import os
 import posixpath
 import stat
@@ -107,6 +108,8 @@ class FleetConnection(fabric.Connection):
             super().close()
         except (EOFError, OSError, paramiko.SSHException):
             pass
+        if isinstance(self.gateway, FleetConnection):
+            self.gateway.close()  # each target has its own bastion connection
 
     def _named(self, exc: HostError) -> HostError:
         """An error of a bastion, or of key negotiation, told as this host's error."""
@@ -146,33 +149,39 @@ class FleetConnection(fabric.Connection):
                 "`hostname` and `port` (they are resolved by the bastion).")) from exc
 
 
-_gateways: dict[str, FleetConnection] = {}
+_gateways: "weakref.WeakSet[FleetConnection]" = weakref.WeakSet()
+_handshakes: dict[str, threading.BoundedSemaphore] = {}
 _gateways_lock = threading.Lock()
 
 
 def _gateway(hop: Host) -> FleetConnection:
-    """The one shared connection to bastion ``hop`` in this process (opened on use)."""
+    """A connection to bastion ``hop`` for one target (opened on use, closed with it).
+    All of a process's connections through one bastion share its handshake limit.
+
+    (One bastion connection shared by every target was tried: when one target's
+    channel closes while others are busy, paramiko can send a packet for the freed
+    channel and OpenSSH then drops the whole connection, taking every target with it.)
+    """
     key = repr(hop)
+    conn = connect(hop)
     with _gateways_lock:
-        conn = _gateways.get(key)
-        if conn is None:
-            conn = _gateways[key] = connect(hop)
-            conn.handshakes = threading.BoundedSemaphore(HANDSHAKES_PER_GATEWAY)
-        return conn
+        conn.handshakes = _handshakes.setdefault(
+            key, threading.BoundedSemaphore(HANDSHAKES_PER_GATEWAY))
+        _gateways.add(conn)
+    return conn
 
 
 def open_gateways() -> list[str]:
-    """The bastions this process holds a shared connection to (their names)."""
+    """The bastions this process has a connection open to (their names)."""
     with _gateways_lock:
-        return [c.fleet_host.name for c in _gateways.values()]
+        return sorted({c.fleet_host.name for c in _gateways if c.is_connected})
 
 
 @atexit.register
 def close_gateways() -> None:
-    """Close every shared bastion connection (at exit; tests call it between tests)."""
+    """Close every bastion connection still open (at exit; tests call it between tests)."""
     with _gateways_lock:
-        conns = list(_gateways.values())
-        _gateways.clear()
+        conns = list(_gateways)
     for c in conns:
         c.close()
 
