@@ -192,17 +192,20 @@ def read_json(path):
         return None
 
 
+def read_exit_code(run_dir):
+    try:
+        with open(os.path.join(run_dir, "exit_code")) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def job_status(run_dir):
     """One run's status from its run dir: ``running``, ``exited``, ``killed`` or ``lost``."""
     job = read_json(os.path.join(run_dir, "job.json")) or {}
     command = read_json(os.path.join(run_dir, "command.json")) or {}
     killed = read_json(os.path.join(run_dir, "killed"))
-    code = None
-    try:
-        with open(os.path.join(run_dir, "exit_code")) as f:
-            code = int(f.read().strip())
-    except (OSError, ValueError):
-        pass
+    code = read_exit_code(run_dir)
     started = job.get("started")
     if started is None:
         try:
@@ -214,16 +217,24 @@ def job_status(run_dir):
     elif code is not None:
         status = "exited"
     elif job:
+        # Running while the job's process is, or while its runner still is: between the
+        # process's end and the exit code being written, the runner is finishing up.
         same_boot = job.get("boot_id") == boot_id()
-        alive = same_boot and start_ticks(job["pid"]) == job.get("start_ticks")
-        status = "running" if alive else "lost"
+        alive = same_boot and (
+            start_ticks(job["pid"]) == job.get("start_ticks")
+            or (job.get("runner_ticks") is not None
+                and start_ticks(job.get("runner_pid", 0)) == job["runner_ticks"]))
+        code = read_exit_code(run_dir) if not alive else None  # written since we looked?
+        status = "running" if alive else "exited" if code is not None else "lost"
     else:  # an attached run: alive while its pid is (no start time recorded)
         try:
             with open(os.path.join(run_dir, "pid")) as f:
                 pid = int(f.read())
-            status = "running" if start_ticks(pid) is not None else "lost"
+            alive = start_ticks(pid) is not None
         except (OSError, ValueError):
-            status = "lost"
+            alive = False
+        code = read_exit_code(run_dir) if not alive else None
+        status = "running" if alive else "exited" if code is not None else "lost"
     argv = job.get("argv") or command.get("argv") or []
     return {"run_id": os.path.basename(run_dir), "project": os.path.basename(os.path.dirname(run_dir)),
             "status": status, "exit_code": code, "detached": bool(job),
@@ -371,6 +382,7 @@ def detach(spec, argv, cwd, env, run_dir, notes):
     job = {"run_id": spec["run_id"], "project": spec.get("project"), "argv": argv, "cwd": cwd,
            "pid": proc.pid, "pgid": proc.pid, "start_ticks": start_ticks(proc.pid),
            "boot_id": boot_id(), "started": time.time(), "runner_pid": os.getpid(),
+           "runner_ticks": start_ticks(os.getpid()),
            "run_dir": run_dir, "tag": spec.get("tag")}
     write_atomic(os.path.join(run_dir, "pid"), str(proc.pid))
     write_atomic(os.path.join(run_dir, "job.json"), json.dumps(job))
