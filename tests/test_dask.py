@@ -133,9 +133,48 @@ def test_dask_up_and_down(fleet, daskproj):
     r = user_cli(with_dask, "dask-up", "-H", "ws1,ws2", inventory=fleet.inventory_path,
                  cwd=daskproj, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "scheduler: tcp://127.0.0.1:" in r.stdout and "(2 workers on 2 hosts)" in r.stdout
+    assert "scheduler: tls://127.0.0.1:" in r.stdout and "(2 workers on 2 hosts)" in r.stdout
+    assert "security=Security(tls_ca_file=" in r.stdout  # how to connect with the certs
     assert dask_processes(fleet, "ws1") >= 2  # scheduler + worker(s)
     r = user_cli(with_dask, "dask-down", "-H", "ws1,ws2", inventory=fleet.inventory_path,
                  cwd=daskproj)
     assert r.returncode == 0, r.stdout + r.stderr
     assert dask_processes(fleet, "ws1") == 0 and dask_processes(fleet, "ws2") == 0
+
+
+def test_the_cluster_admits_only_holders_of_its_certificates(fleet, daskproj, monkeypatch):
+    """TLS by default: a client without the cluster's certificates (anyone on the network,
+    another user of the host) cannot connect, in plain TCP or in TLS; the certificates
+    on the hosts are 0600 in a 0700 dir."""
+    import ssl
+
+    from distributed import Client, Security
+    f = project_funcs(monkeypatch, daskproj)
+    hosts = fleet.inventory().select(host="ws1,ws2")
+    with hosts.dask() as client:
+        cluster = client.fabfleet_cluster
+        assert cluster.address.startswith("tls://")
+        assert client.submit(f.inc, 1).result() == 2
+        port = int(cluster.address.rsplit(":", 1)[1])
+        with pytest.raises((OSError, TimeoutError, ssl.SSLError)):
+            Client(f"tcp://127.0.0.1:{port}", timeout=5)
+        other = cluster_credentials_elsewhere()
+        with pytest.raises((OSError, TimeoutError, ssl.SSLError)):
+            Client(f"tls://127.0.0.1:{port}", timeout=5, security=Security(
+                tls_ca_file=str(other / "ca.pem"), tls_client_cert=str(other / "cert.pem"),
+                tls_client_key=str(other / "key.pem"), require_encryption=True))
+        where = cluster.remote_tls["ws1"].replace("~", "$HOME", 1)
+        modes = sh(fleet, "ws1", f"stat -c '%a' {where} {where}/*").split()
+        assert modes == ["700", "600", "600", "600"]
+    assert sh(fleet, "ws1", f"ls -d {where} 2>/dev/null || echo gone").strip() == "gone"
+
+
+def cluster_credentials_elsewhere():
+    """Certificates of another cluster: valid TLS, the wrong CA."""
+    import tempfile
+
+    from fabfleet.apps.dask import cluster_credentials
+    d = Path(tempfile.mkdtemp())
+    for name, data in cluster_credentials().items():
+        (d / name).write_bytes(data)
+    return d

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,15 +37,17 @@ from pathlib import Path
 from ..config.deadlines import APP_START, QUICK_COMMAND
 from ..config.inventory import Host
 from ..config.settings import layout
-from ..errors import CommandError, ConnectError, FanOutError, HostError, LocalError
+from ..errors import (CommandError, ConnectError, FanOutError, HostError, LocalError,
+                      host_errors)
 from ..host.files import local_files
 from ..host.jobs import Job, list_jobs, start_job
 from ..host.push import push
 from ..hostside import dask_app, versions
 from ..ssh import shell
-from ..ssh.connect import connect
+from ..ssh.connect import connect, sftp_client, sftp_put_private
 from ..ssh.exec import execute
 from ..ssh.launch import file_of, python_command
+from ..ssh.liveness import watched
 from ..ssh.tunnel import Tunnel
 
 REQUIRED = ("dask", "distributed", "cloudpickle", "msgpack")  # must match exactly
@@ -133,7 +138,8 @@ class DaskCluster:
     def __init__(self, hosts: Sequence[Host], *, project: str,
                  project_root: str | Path | None = None, push: bool = True,
                  scheduler_host: str | None = None, idle_timeout: str = "1h",
-                 death_timeout: str = "60s", start_timeout: float = APP_START) -> None:
+                 death_timeout: str = "60s", start_timeout: float = APP_START,
+                 tls: bool = True, credentials_dir: str | Path | None = None) -> None:
         self.hosts = list(hosts)
         if not self.hosts:
             raise LocalError("a Dask cluster needs at least one host")
@@ -151,6 +157,30 @@ class DaskCluster:
         self.jobs: list[Job] = []
         self.address = self.dashboard_port = None
         self.tunnels: list[Tunnel] = []
+        self.tls = tls
+        self.credentials: dict[str, bytes] | None = None
+        self.local_tls: Path | None = None
+        self.keep_credentials = credentials_dir is not None
+        self.credentials_dir = credentials_dir
+        self.tls_token = secrets.token_hex(8)
+        self.remote_tls: dict[str, str] = {}
+
+    def _send_credentials(self, c) -> str:
+        """The cluster's certificates in a 0700 dir of the project's runs on the host
+        (files 0600); its remote path."""
+        where = f"{layout(c.fleet_host, self.project)['runs']}/.dask-tls-{self.tls_token}"
+        mk = shell.path(where)
+        done = execute(c, shell.sh(f"umask 077 && mkdir -p -- {mk} && chmod 700 -- {mk}"),
+                       timeout=QUICK_COMMAND, action="prepare the Dask certificates' dir")
+        if done.exit_code != 0:
+            raise CommandError(c.fleet_host.name, "could not make a private dir for the Dask "
+                               f"certificates: {done.stderr.strip()[-300:]}")
+        with watched(c, "send the Dask certificates"), \
+                host_errors(c.fleet_host.name, "send the Dask certificates"):
+            sftp = sftp_client(c)
+            for name, data in self.credentials.items():
+                sftp_put_private(sftp, data, f"{where}/{name}")
+        return where
 
     def start(self) -> DaskCluster:
         preflight(self.conns, self.project)
@@ -159,10 +189,25 @@ class DaskCluster:
             for c in self.conns.values():
                 push(c, self.project_root, layout(c.fleet_host, self.project)["project"],
                      files=files)
+        tls_dirs = {name: "" for name in self.conns}
+        if self.tls:
+            self.credentials = cluster_credentials()
+            tls_dirs = {name: self._send_credentials(c) for name, c in self.conns.items()}
+            self.remote_tls = tls_dirs
+            if self.credentials_dir is not None:  # kept for clients after this process
+                self.local_tls = Path(self.credentials_dir)
+                self.local_tls.mkdir(mode=0o700, parents=True, exist_ok=True)
+            else:
+                self.local_tls = Path(tempfile.mkdtemp(prefix="fabfleet-dask-tls-"))
+            for name, data in self.credentials.items():
+                fd = os.open(self.local_tls / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
         sc = self.conns[self.scheduler_name]
         listen = sc.fleet_host.hostname or sc.host
         launcher = file_of(dask_app)
-        job = start_job(sc, launcher, ["scheduler", listen, self.idle_timeout],
+        job = start_job(sc, launcher, ["scheduler", listen, self.idle_timeout,
+                                       tls_dirs[self.scheduler_name]],
                         project=self.project, tag=TAG_SCHEDULER)
         self.jobs.append(job)
         info = _scheduler_file(sc, job, self.start_timeout)
@@ -171,7 +216,8 @@ class DaskCluster:
         for name, c in self.conns.items():
             self.jobs.append(start_job(
                 c, launcher, ["workers", self.address, str(c.fleet_host.max_jobs), name,
-                              self.death_timeout], project=self.project, tag=TAG_WORKERS))
+                              self.death_timeout, tls_dirs[name]], project=self.project,
+                tag=TAG_WORKERS))
         return self
 
     @property
@@ -188,7 +234,8 @@ class DaskCluster:
         where, _, port = self.address.split("://", 1)[-1].rpartition(":")
         t = Tunnel(sc, int(port), remote_host=where.strip("[]")).start()
         self.tunnels.append(t)
-        client = Client(f"tcp://127.0.0.1:{t.local_port}", timeout=timeout)
+        client = Client(f"{'tls' if self.tls else 'tcp'}://127.0.0.1:{t.local_port}",
+                        timeout=timeout, security=self.security())
         try:
             client.wait_for_workers(self.n_workers, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - say which hosts are missing
@@ -198,6 +245,16 @@ class DaskCluster:
                                f"Dask workers joined within {timeout:g}s ({exc}); see "
                                "`fabfleet jobs` and `fabfleet logs RUN_ID --stderr`") from None
         return client
+
+    def security(self):
+        """The ``distributed.Security`` a client of this cluster needs (``None``
+        without TLS): the cluster's CA and certificate, encryption required."""
+        if not self.tls:
+            return None
+        from distributed import Security
+        d = self.local_tls
+        return Security(tls_ca_file=str(d / "ca.pem"), tls_client_cert=str(d / "cert.pem"),
+                        tls_client_key=str(d / "key.pem"), require_encryption=True)
 
     def dashboard(self) -> str | None:
         """The dashboard's local URL (through a tunnel of its own)."""
@@ -219,8 +276,17 @@ class DaskCluster:
                 pass  # the host is down: its processes went with it (or die by death timeout)
             except HostError as exc:
                 errors.append(exc)
+        for name, where in self.remote_tls.items():  # nothing of the cluster is left behind
+            try:
+                execute(self.conns[name], shell.sh(f"rm -rf -- {shell.path(where)}"),
+                        timeout=QUICK_COMMAND, action="remove the Dask certificates")
+            except HostError:
+                pass  # the host is gone; the dir is private to the user anyway
         for c in self.conns.values():
             c.close()
+        if self.local_tls is not None and not self.keep_credentials:
+            import shutil
+            shutil.rmtree(self.local_tls, ignore_errors=True)
         if errors:
             raise FanOutError(f"{len(errors)} Dask jobs could not be stopped: "
                               + "; ".join(map(str, errors)), {e.host: e for e in errors})
@@ -241,6 +307,39 @@ def dask_cluster(hosts: Sequence[Host], *, project: str, **options) -> Iterator:
             client.close()
     finally:
         cluster.stop()
+
+
+def cluster_credentials(days: int = 30) -> dict[str, bytes]:
+    """A new CA and one certificate signed by it, for one cluster's scheduler, workers
+    and clients: ``{"ca.pem", "cert.pem", "key.pem"}`` (PEM). Made per cluster, so a
+    certificate of one cluster opens no other."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fabfleet dask cluster CA")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fabfleet dask cluster")])
+
+    def cert(subject, public_key, ca: bool):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+             .public_key(public_key).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=days))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                       ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                critical=False)
+        return b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    return {"ca.pem": cert(ca_name, ca_key.public_key(), True),
+            "cert.pem": cert(name, key.public_key(), False),
+            "key.pem": key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())}
 
 
 def stop_project_clusters(c, project: str | None) -> list[str]:

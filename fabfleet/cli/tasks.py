@@ -390,14 +390,23 @@ def top(c, selected, once=False, json_=False, interval=None):
 
 @hosts_task(help={"scheduler_host": "host for the scheduler (default: the first selected)",
                   "idle_timeout": "the scheduler stops after this long without clients or "
-                  "tasks (default 1h)"})
-def dask_up(c, selected, scheduler_host=None, idle_timeout="1h"):
+                  "tasks (default 1h)",
+                  "no_tls": "plain TCP, no certificates: anyone who reaches the ports can "
+                            "connect and run code as you (default: TLS, certificates made "
+                            "for this cluster)"})
+def dask_up(c, selected, scheduler_host=None, idle_timeout="1h", no_tls=False):
     """Start a Dask scheduler and workers (max_jobs per host) on the hosts, as jobs."""
+    import secrets
+
     from ..apps.dask import DaskCluster
     proj = project(c)
+    creds = None if no_tls else os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fabfleet",
+        "dask", f"{proj.name}-{secrets.token_hex(4)}")
     cluster = DaskCluster(list(selected), project=proj.name,
                           project_root=proj.root if proj.pushable else None,
-                          scheduler_host=scheduler_host, idle_timeout=idle_timeout)
+                          scheduler_host=scheduler_host, idle_timeout=idle_timeout,
+                          tls=not no_tls, credentials_dir=creds)
     try:
         cluster.start()
     except BaseException:
@@ -406,8 +415,16 @@ def dask_up(c, selected, scheduler_host=None, idle_timeout="1h"):
     where = cluster.address.rsplit(":", 1)[1]
     print(f"scheduler: {cluster.address} on {cluster.scheduler_name} "
           f"({cluster.n_workers} workers on {len(cluster.hosts)} hosts)")
-    print(f"reach it from here: fabfleet tunnel -H {cluster.scheduler_name} {where}  "
-          "→ Client('tcp://127.0.0.1:PORT')")
+    remote = cluster.address.split("://", 1)[-1].rpartition(":")[0]
+    print(f"reach it from here: fabfleet tunnel -H {cluster.scheduler_name} --remote-host "
+          f"{remote} {where}")
+    if no_tls:
+        print("  → Client('tcp://127.0.0.1:PORT')")
+    else:
+        print(f"  → Client('tls://127.0.0.1:PORT', security=Security(tls_ca_file="
+              f"'{creds}/ca.pem', tls_client_cert='{creds}/cert.pem', tls_client_key="
+              f"'{creds}/key.pem', require_encryption=True))   "
+              "(from distributed import Client, Security)")
     if cluster.dashboard_port:
         print(f"dashboard: fabfleet tunnel -H {cluster.scheduler_name} "
               f"{cluster.dashboard_port}  → http://127.0.0.1:PORT/status")

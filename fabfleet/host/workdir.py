@@ -17,7 +17,7 @@ from ..config.settings import layout
 from ..errors import CommandError, LocalError, host_errors
 from ..hostside import pip_main
 from ..ssh import shell
-from ..ssh.connect import sftp_client, sftp_makedirs
+from ..ssh.connect import sftp_client, sftp_makedirs, sftp_put_private
 from ..ssh.exec import execute
 from ..ssh.launch import source
 from ..ssh.liveness import watched
@@ -82,10 +82,10 @@ def setup_workdir(c, *, project: str | None = None,
     # never a download) travel over SFTP, never on a command line.
     with watched(c, "send the requirements"), host_errors(host.name, "send the requirements"):
         sftp = sftp_client(c)
-        put_private(sftp, req.read_bytes(), f"{lay['venv']}/requirements.txt")
+        sftp_put_private(sftp, req.read_bytes(), f"{lay['venv']}/requirements.txt")
         if pip_state == "none":
             sftp_makedirs(sftp, posixpath.dirname(shell.home_relative(pip_zip)))
-            put_private(sftp, _local_pip()[1], pip_zip)
+            sftp_put_private(sftp, _local_pip()[1], pip_zip)
     pip = f"{venv}/bin/python -m pip" if pip_state == "venv" else \
         f"{venv}/bin/python {shell.path(pip_zip)}"
     script = (f"{pip} install --disable-pip-version-check -q "
@@ -138,13 +138,3 @@ def _local_pip() -> tuple[str, bytes]:
             if f.is_file() and "__pycache__" not in f.parts:
                 z.write(f, f"pip/{f.relative_to(root).as_posix()}")
     return pip.__version__, out.getvalue()
-
-
-def put_private(sftp, data: bytes, remote: str) -> None:
-    """Write ``data`` to ``remote`` (``~`` = the home), 0600, whole or not at all."""
-    path = shell.home_relative(remote)
-    tmp = f"{path}.fabfleet-part"
-    with sftp.open(tmp, "wb") as f:
-        f.chmod(0o600)
-        f.write(data)
-    sftp.posix_rename(tmp, path)

@@ -33,6 +33,7 @@ from paramiko.config import SSHConfig
 from ..config.deadlines import deadlines
 from ..config.inventory import Host
 from ..errors import AuthError, ConnectError, FleetError, HostError, HostKeyError, host_errors
+from .shell import home_relative
 from .hostkeys import HostKeyPolicy, host_key_name, known_hosts_files, negotiation
 
 SSH_CONFIG_ENV = "FABFLEET_SSH_CONFIG"
@@ -290,6 +291,17 @@ def sftp_makedirs(sftp, path: str) -> None:
         except OSError:
             if not stat.S_ISDIR(sftp.stat(os.fsencode(p)).st_mode):  # made by a concurrent push?
                 raise
+
+
+
+def sftp_put_private(sftp, data: bytes, remote: str) -> None:
+    """Write ``data`` to ``remote`` (``~`` = the home), 0600, whole or not at all."""
+    path = home_relative(remote)
+    tmp = f"{path}.fabfleet-part"
+    with sftp.open(tmp, "wb") as f:
+        f.chmod(0o600)
+        f.write(data)
+    sftp.posix_rename(tmp, path)
 
 
 
