@@ -178,3 +178,44 @@ def cluster_credentials_elsewhere():
     for name, data in cluster_credentials().items():
         (d / name).write_bytes(data)
     return d
+
+
+@pytest.mark.lab
+def test_dask_on_a_host_whose_address_is_not_loopback_and_a_co_tenant(fleet, daskproj,
+                                                                       monkeypatch):
+    """The lab host ``stock`` listens on 127.0.0.6 (as a LAN host would on its own
+    address): the client's tunnel goes there. Another user of that host, eve, can
+    neither read the cluster's certificates nor complete a TLS handshake without one."""
+    from conftest import user_cli
+    monkeypatch.setenv("FABFLEET_SSH_CONFIG", str(fleet.lab_ssh_config))
+    env = {"FABFLEET_SSH_CONFIG": str(fleet.lab_ssh_config)}
+    for args in (["push", "-H", "stock"],
+                 ["setup-workdir", "-H", "stock", "--requirements", "requirements.txt"]):
+        r = user_cli(fleet.bin, *args, inventory=fleet.lab_inventory, cwd=daskproj,
+                     timeout=600, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+    f = project_funcs(monkeypatch, daskproj)
+    from fabfleet import Inventory
+    hosts = Inventory.load(fleet.lab_inventory).select(host="stock")
+    with hosts.dask() as client:
+        cluster = client.fabfleet_cluster
+        assert cluster.address.startswith("tls://127.0.0.6:")
+        assert client.submit(f.inc, 41).result() == 42
+        port = int(cluster.address.rsplit(":", 1)[1])
+        where = cluster.remote_tls["stock"].replace("~", "/home/dev", 1)
+        as_eve = ["docker", "exec", "-u", "eve", fleet.container("stock"), "python3", "-c"]
+        read = subprocess.run(as_eve + [f"open({where + '/key.pem'!r}).read()"],
+                              capture_output=True, text=True, timeout=30)
+        assert read.returncode != 0 and "Permission denied" in read.stderr
+        handshake = (
+            "import socket, ssl\n"
+            "ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n"
+            "ctx.check_hostname = False\nctx.verify_mode = ssl.CERT_NONE\n"
+            f"s = ctx.wrap_socket(socket.create_connection(('127.0.0.6', {port}), 5))\n"
+            "s.sendall(b'hello'); print('answered', s.recv(10))\n")
+        knock = subprocess.run(as_eve + [handshake], capture_output=True, text=True,
+                               timeout=30)
+        assert knock.returncode != 0 and "answered" not in knock.stdout, knock.stdout
+    sh_lab = subprocess.run(["docker", "exec", "-u", "dev", fleet.container("stock"), "sh",
+                             "-c", f"rm -rf ~/fabfleet/.venvs/{daskproj.name}"])
+    assert sh_lab.returncode == 0
