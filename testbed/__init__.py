@@ -30,6 +30,8 @@ inner   PP22  127.0.0.8    only an ECDSA host key; reached as ``inner.lab``
                            through the bastion
 ======= ===== ============ ==================================================
 
+``closedgw`` (PP23, 127.0.0.9) is a bastion whose sshd has ``AllowTcpForwarding no``.
+
 ``PP`` is the port prefix: 22 for the demo, 23 for the tests, so both can run at once.
 """
 
@@ -46,12 +48,13 @@ STATE = HERE / "state"
 COMPOSE_FILE = HERE / "docker-compose.yml"
 KEY = STATE / "id_ed25519"
 HOSTS = {"ws1": 1, "ws2": 2, "gpu1": 3, "nopy": 4, "ws3": 5,
-         "stock": 20, "bastion": 21, "inner": 22}
+         "stock": 20, "bastion": 21, "inner": 22, "closedgw": 23}
 #: where each host listens (the default hosts on 127.0.0.1)
-ADDRESSES = {"stock": "127.0.0.6", "bastion": "127.0.0.7", "inner": "127.0.0.8"}
+ADDRESSES = {"stock": "127.0.0.6", "bastion": "127.0.0.7", "inner": "127.0.0.8",
+             "closedgw": "127.0.0.9"}
 #: the one key type recorded for the lab hosts, as older known_hosts files have them
 RECORDED_TYPES = {"stock": "ecdsa", "bastion": "rsa", "inner": "ecdsa"}
-LAB = ("stock", "bastion", "inner")
+LAB = ("stock", "bastion", "inner", "closedgw")
 
 
 def address(name: str) -> str:
@@ -202,6 +205,10 @@ def lab_inventory_text(prefix: int, known_hosts: Path, work_dir: str = "~/fabfle
     port: {port('inner', prefix)}
     jump: bastion
     groups: [lab2]
+  closedgw:
+    hostname: {address('closedgw')}
+    port: {port('closedgw', prefix)}
+    groups: [gateways]
 """
 
 

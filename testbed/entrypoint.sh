@@ -4,7 +4,8 @@
 # limits (MaxSessions 10, MaxStartups 10:30:100) instead of raised ones, HOSTKEYS (key
 # types to generate, e.g. "ecdsa"; default: every type), EXTRA_HOSTS ("name=addr ..."
 # lines only this container resolves), LOGIN_SHELL (the dev user's login shell),
-# NO_ENSUREPIP=1 (Python without ensurepip: `python3 -m venv` fails).
+# NO_ENSUREPIP=1 (Python without ensurepip: `python3 -m venv` fails), NO_FORWARDING=1
+# (AllowTcpForwarding no: a bastion that refuses to forward).
 set -e
 echo "${FABFLEET_HOST:-unknown}" > /etc/fabfleet-host
 if [ -n "${HOSTKEYS:-}" ]; then
@@ -23,6 +24,8 @@ keys=""
 for k in /etc/ssh/ssh_host_*_key; do keys="$keys -o HostKey=$k"; done
 limits="-o MaxSessions=64 -o MaxStartups=100:30:200"
 [ "${STOCK:-0}" = 1 ] && limits=""
+# A bastion whose admin forbids forwarding
+[ "${NO_FORWARDING:-0}" = 1 ] && limits="$limits -o AllowTcpForwarding=no"
 exec /usr/sbin/sshd -D -e -p "${SSH_PORT:?}" -o ListenAddress="${LISTEN:-127.0.0.1}" \
     -o PasswordAuthentication=no -o KbdInteractiveAuthentication=no -o UsePAM=no \
     $keys $limits

@@ -88,7 +88,7 @@ def test_hashed_wildcard_negated_ca_and_revoked_lines(fleet, lab, tmp_path):
     other_revoked = f"@revoked * {fake_key(tmp_path, 'ecdsa')}\n"
     text = ca + other_revoked + hashed.read_text() + wildcard + keys("inner", as_name="inner.lab")
     inv = variant(fleet, tmp_path, known_hosts=text)
-    report = check_hosts(inv)
+    report = check_hosts(inv.select(host="stock,bastion,inner"))
     assert report["ok"], json.dumps(report["hosts"], indent=1)
     # the same key @revoked: refused, naming the line, never "remove it"
     revoked = text + f"@revoked [127.0.0.6]:{port} " + " ".join(keys("stock").split()[1:3]) + "\n"
@@ -197,6 +197,15 @@ def test_a_target_the_bastion_cannot_reach(fleet, lab, tmp_path):
                                          "    jump: bastion\n")
     err = check_hosts(inv.select(host="nowhere"))["hosts"]["nowhere"]["error"]
     assert err.startswith("nowhere: bastion bastion could not reach inner.lab:1"), err
+
+
+def test_a_bastion_that_refuses_to_forward(fleet, lab, tmp_path):
+    inv = variant(fleet, tmp_path, extra=f"  behindclosed:\n    hostname: inner.lab\n"
+                                         f"    port: {fleet.port('inner')}\n"
+                                         "    jump: closedgw\n")
+    err = check_hosts(inv.select(host="behindclosed"))["hosts"]["behindclosed"]["error"]
+    assert err.startswith("behindclosed: bastion closedgw refused to forward"), err
+    assert "AllowTcpForwarding" in err
 
 
 # -- stock sshd limits ---------------------------------------------------------------------
