@@ -5,7 +5,7 @@
 # types to generate, e.g. "ecdsa"; default: every type), EXTRA_HOSTS ("name=addr ..."
 # lines only this container resolves), LOGIN_SHELL (the dev user's login shell),
 # NO_ENSUREPIP=1 (Python without ensurepip: `python3 -m venv` fails), NO_FORWARDING=1
-# (AllowTcpForwarding no: a bastion that refuses to forward).
+# (AllowTcpForwarding no: a bastion that refuses to forward), NO_CONDA=1 (micromamba only).
 set -e
 echo "${FABFLEET_HOST:-unknown}" > /etc/fabfleet-host
 if [ -n "${HOSTKEYS:-}" ]; then
@@ -17,6 +17,8 @@ for pair in ${EXTRA_HOSTS:-}; do
     echo "${pair#*=} ${pair%%=*}" >> /etc/hosts
 done
 [ -z "${LOGIN_SHELL:-}" ] || usermod -s "$LOGIN_SHELL" dev
+# A micromamba-only host: no conda installation
+[ "${NO_CONDA:-0}" = 1 ] && rm -rf /opt/conda
 # A Python without ensurepip, as Debian/Ubuntu servers without python3-venv have
 [ "${NO_ENSUREPIP:-0}" = 1 ] && rm -rf /usr/lib/python3*/ensurepip
 install -m 600 -o dev -g dev /testbed/authorized_keys /home/dev/.ssh/authorized_keys

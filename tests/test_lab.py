@@ -281,6 +281,19 @@ def test_conda_env_activates_for_runs_and_workers(fleet, lab, tmp_path):
     assert "conda env nosuch does not activate" in err and "EnvironmentNameNotFound" in err
 
 
+def test_micromamba_env_activates_on_a_host_without_conda(fleet, lab, tmp_path):
+    inv = variant(fleet, tmp_path, replace=("    max_jobs: 12\n",
+                                            "    max_jobs: 12\n    conda_env: mm\n"))
+
+    def env():
+        import os
+        import sys
+        return os.environ.get("CONDA_DEFAULT_ENV"), sys.executable
+    assert run_payload(inv.connect("stock"), env) == ("mm", "/opt/micromamba/envs/mm/bin/python3")
+    report = check_hosts(inv.select(host="stock"))
+    assert report["ok"], report["hosts"]["stock"]["error"]
+
+
 def test_requirements_on_a_python_without_ensurepip(fleet, lab, tmp_path):
     proj = tmp_path / "noensurepip"
     write(proj / "pyproject.toml", "")

@@ -59,6 +59,10 @@ def exports(env: Mapping[str, str]) -> str:
 _CONDA_GUESSES = ("$CONDA_EXE", "$HOME/miniforge3/bin/conda", "$HOME/mambaforge/bin/conda",
                   "$HOME/miniconda3/bin/conda", "$HOME/anaconda3/bin/conda",
                   "/opt/conda/bin/conda", "/opt/miniconda3/bin/conda")
+# Where micromamba usually lives (a single binary, often on hosts without conda).
+_MAMBA_GUESSES = ("$MAMBA_EXE", "$HOME/.local/bin/micromamba", "$HOME/micromamba/bin/micromamba",
+                  "$HOME/bin/micromamba", "/opt/micromamba/bin/micromamba",
+                  "/usr/local/bin/micromamba")
 
 
 def activation(host: Host, venv: str | None = None) -> str:
@@ -74,17 +78,26 @@ def activation(host: Host, venv: str | None = None) -> str:
                 f"{{ echo {q(f'fabfleet: venv {venv} does not exist or does not activate')} >&2;"
                 " false; }")
     if host.conda_env:
-        guesses = " ".join(f'"{g}"' for g in _CONDA_GUESSES)
-        missing = q("fabfleet: conda not found (tried PATH, $CONDA_EXE, ~/miniforge3, "
-                    "~/miniconda3, ~/anaconda3, /opt/conda)")
+        env = q(host.conda_env)
+        conda = " ".join(f'"{g}"' for g in _CONDA_GUESSES)
+        mamba = " ".join(f'"{g}"' for g in _MAMBA_GUESSES)
+        missing = q("fabfleet: neither conda nor micromamba found (tried PATH, $CONDA_EXE, "
+                    "$MAMBA_EXE, ~/miniforge3, ~/miniconda3, ~/anaconda3, /opt/conda, "
+                    "~/.local/bin/micromamba, /opt/micromamba)")
         failed = q(f"fabfleet: `conda activate {host.conda_env}` failed")
         return (
             'fabfleet_conda=$(command -v conda 2>/dev/null); '
-            f'for c in {guesses}; do [ -z "$fabfleet_conda" ] && [ -x "$c" ] && '
+            f'for c in {conda}; do [ -z "$fabfleet_conda" ] && [ -x "$c" ] && '
             'fabfleet_conda=$c; done; '
-            f'{{ [ -n "$fabfleet_conda" ] || {{ echo {missing} >&2; false; }}; }} && '
+            'if [ -n "$fabfleet_conda" ]; then '
             '. "$("$fabfleet_conda" info --base)/etc/profile.d/conda.sh" && '
-            f'{{ conda activate {q(host.conda_env)} || {{ echo {failed} >&2; false; }}; }}'
+            f'{{ conda activate {env} || {{ echo {failed} >&2; false; }}; }}; '
+            'else fabfleet_mamba=$(command -v micromamba 2>/dev/null); '
+            f'for m in {mamba}; do [ -z "$fabfleet_mamba" ] && [ -x "$m" ] && '
+            'fabfleet_mamba=$m; done; '
+            f'if [ -z "$fabfleet_mamba" ]; then echo {missing} >&2; false; '
+            'else eval "$("$fabfleet_mamba" shell hook -s posix)" && '
+            f'{{ micromamba activate {env} || {{ echo {failed} >&2; false; }}; }}; fi; fi'
         )
     return ""
 

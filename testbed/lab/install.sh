@@ -13,3 +13,8 @@ cp /opt/lab/conda.sh /opt/conda/etc/profile.d/conda.sh
 chmod 755 /opt/conda/bin/conda
 ln -s /usr/bin/python3 /opt/conda/envs/lab/bin/python3
 ln -s /usr/bin/python3 /opt/conda/envs/lab/bin/python
+# micromamba: the shell hook and activation, faithful to micromamba's interface.
+mkdir -p /opt/micromamba/bin /opt/micromamba/envs/mm/bin
+cp /opt/lab/micromamba /opt/micromamba/bin/micromamba
+chmod 755 /opt/micromamba/bin/micromamba
+ln -s /usr/bin/python3 /opt/micromamba/envs/mm/bin/python3
