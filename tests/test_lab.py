@@ -126,15 +126,17 @@ def test_an_unreadable_line_is_skipped_and_named(fleet, lab, tmp_path):
 
 # -- bastions ------------------------------------------------------------------------------
 def test_many_targets_behind_one_stock_bastion(fleet, lab, tmp_path):
-    """16 hosts behind a bastion with stock MaxStartups (10): handshakes through it are
-    bounded, so none is dropped."""
+    """16 hosts behind a bastion with stock MaxStartups (10): one login on the bastion,
+    handshakes through it bounded; targets closing while others run never take the
+    shared connection down (three rounds)."""
     extra = "".join(f"  inner{i}:\n    hostname: inner.lab\n    port: {fleet.port('inner')}\n"
                     f"    jump: bastion\n    groups: [many]\n" for i in range(16))
     inv = variant(fleet, tmp_path, extra=extra)
-    report = check_hosts(inv.select(group="many"))
-    assert report["ok"], {h: r["error"] for h, r in report["hosts"].items() if not r["ok"]}
+    for _ in range(3):
+        report = check_hosts(inv.select(group="many"))
+        assert report["ok"], {h: r["error"] for h, r in report["hosts"].items() if not r["ok"]}
     from fabfleet.ssh.connect import open_gateways
-    assert open_gateways() == []  # each target's bastion connection closed with it
+    assert open_gateways() == ["bastion"]
 
 
 def test_changed_or_unknown_bastion_key_is_refused_on_every_path(fleet, lab, tmp_path):

@@ -8,17 +8,16 @@ route, settings and checks; :func:`sftp_client` an SFTP session with a deadline.
 
 **Routes.** A host with ``jump:`` in the inventory (or ``ProxyJump`` in ssh_config) is
 reached through its bastions, each one a verified :class:`FleetConnection` of its own
-(same host-key policy, deadlines and watchdog as a target), closed with the target. At
-most :data:`HANDSHAKES_PER_GATEWAY` connections shake hands through one bastion at a
-time in a process, so a fan-out stays under stock sshd's MaxStartups. The target's
-``hostname`` is resolved by the last hop, as ``ssh -J`` does.
+(same host-key policy, deadlines and watchdog as a target). One connection per bastion
+is shared by every target behind it in this process, so a fan-out logs in to the
+bastion once, and at most :data:`HANDSHAKES_PER_GATEWAY` targets shake hands through it
+at a time. The target's ``hostname`` is resolved by the last hop, as ``ssh -J`` does.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import weakref
 import os
 import posixpath
 import stat
@@ -40,9 +39,10 @@ SSH_CONFIG_ENV = "FABFLEET_SSH_CONFIG"
 # paramiko logs refused channels and failed handshakes at ERROR; with no handler set,
 # Python would print them raw to stderr. fabfleet raises them as errors instead.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
-#: targets opening their connection through one bastion at once (stock sshd's
-#: MaxStartups starts dropping unauthenticated connections past 10)
-HANDSHAKES_PER_GATEWAY = 8
+#: targets opening their connection through one bastion at once: stock sshd's
+#: MaxStartups drops unauthenticated connections past 10, and every handshake through
+#: the bastion shares its one connection (and paramiko thread)
+HANDSHAKES_PER_GATEWAY = 4
 
 
 def ssh_config_file() -> SSHConfig:
@@ -109,8 +109,6 @@ class FleetConnection(fabric.Connection):
             super().close()
         except (EOFError, OSError, paramiko.SSHException):
             pass
-        if isinstance(self.gateway, FleetConnection):
-            self.gateway.close()  # each target has its own bastion connection
 
     def _named(self, exc: HostError) -> HostError:
         """An error of a bastion, or of key negotiation, told as this host's error."""
@@ -134,9 +132,9 @@ class FleetConnection(fabric.Connection):
         bastion = self.gateway
         bastion.open()
         try:
-            return bastion.transport.open_channel(
+            return _SerialChannel(bastion.transport.open_channel(
                 "direct-tcpip", (self.host, int(self.port)), ("", 0),
-                timeout=deadlines(self.fleet_host).handshake)
+                timeout=deadlines(self.fleet_host).handshake))
         except paramiko.ChannelException as exc:
             if exc.code == 1:  # administratively prohibited
                 raise ConnectError(self.fleet_host.name, (
@@ -150,39 +148,61 @@ class FleetConnection(fabric.Connection):
                 "`hostname` and `port` (they are resolved by the bastion).")) from exc
 
 
-_gateways: "weakref.WeakSet[FleetConnection]" = weakref.WeakSet()
-_handshakes: dict[str, threading.BoundedSemaphore] = {}
+class _SerialChannel:
+    """A bastion's direct-tcpip channel as the target's socket, with its writes and its
+    close serialized. paramiko checks "closed" under the channel's lock but sends the
+    data after releasing it; a close from another thread in between puts a data packet
+    after CHANNEL_CLOSE, and OpenSSH then drops the whole bastion connection ("data
+    packet referred to nonexistent channel") — every target behind it with it."""
+
+    def __init__(self, chan) -> None:
+        self._chan = chan
+        self._lock = threading.Lock()
+
+    def send(self, data) -> int:
+        with self._lock:
+            return self._chan.send(data)
+
+    def sendall(self, data) -> None:
+        with self._lock:
+            self._chan.sendall(data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._chan.close()
+
+    def __getattr__(self, name):  # recv, settimeout, fileno, … as the channel has them
+        return getattr(self._chan, name)
+
+
+_gateways: dict[str, FleetConnection] = {}
 _gateways_lock = threading.Lock()
 
 
 def _gateway(hop: Host) -> FleetConnection:
-    """A connection to bastion ``hop`` for one target (opened on use, closed with it).
-    All of a process's connections through one bastion share its handshake limit.
-
-    (One bastion connection shared by every target was tried: when one target's
-    channel closes while others are busy, paramiko can send a packet for the freed
-    channel and OpenSSH then drops the whole connection, taking every target with it.)
-    """
+    """The one connection to bastion ``hop`` in this process, shared by every target
+    behind it (opened on first use)."""
     key = repr(hop)
-    conn = connect(hop)
     with _gateways_lock:
-        conn.handshakes = _handshakes.setdefault(
-            key, threading.BoundedSemaphore(HANDSHAKES_PER_GATEWAY))
-        _gateways.add(conn)
-    return conn
+        conn = _gateways.get(key)
+        if conn is None:
+            conn = _gateways[key] = connect(hop)
+            conn.handshakes = threading.BoundedSemaphore(HANDSHAKES_PER_GATEWAY)
+        return conn
 
 
 def open_gateways() -> list[str]:
-    """The bastions this process has a connection open to (their names)."""
+    """The bastions this process holds a shared connection to (their names)."""
     with _gateways_lock:
-        return sorted({c.fleet_host.name for c in _gateways if c.is_connected})
+        return sorted(c.fleet_host.name for c in _gateways.values() if c.is_connected)
 
 
 @atexit.register
 def close_gateways() -> None:
-    """Close every bastion connection still open (at exit; tests call it between tests)."""
+    """Close every shared bastion connection (at exit; tests call it between tests)."""
     with _gateways_lock:
-        conns = list(_gateways)
+        conns = list(_gateways.values())
+        _gateways.clear()
     for c in conns:
         c.close()
 
