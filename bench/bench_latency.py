@@ -5,7 +5,9 @@ each line also gives the number of round trips (wall time ÷ RTT).
 * check-env of one host (library call) vs ``ssh host python3 -c …`` (the same facts);
 * a warm payload call vs a command on an open OpenSSH ControlMaster connection;
 * run-remote of an unchanged project (CLI) vs ``scp`` the script + ``ssh`` run it;
-* an unchanged push (library) vs ``rsync`` of the same tree.
+* an unchanged push (library) vs ``rsync`` of the same tree;
+* a gather of 5 small files (library) vs ``scp -r`` of their directory;
+* a cold ``@remote`` call in a new process vs ``ssh host python3 -c``.
 
     .venv/bin/python bench/bench_latency.py [RTT_MS]
 """
@@ -88,6 +90,18 @@ if __name__ == "__main__":
                     lambda: push(c, proj, "~/fabfleet/bench-latency"),
                     lambda: subprocess.run(rsync, check=True, capture_output=True), rounds=5)
             trips("unchanged push", lambda: push(c, proj, "~/fabfleet/bench-latency"), 3)
+            from fabfleet import gather
+            from fabfleet.ssh.exec import execute
+            execute(c, "mkdir -p ~/fabfleet/bench-latency/res && cd ~/fabfleet/bench-latency/res"
+                       " && for i in 1 2 3 4 5; do echo $i > r$i.csv; done")
+            dest = work / "gathered"
+            compare("gather 5 small files vs scp -r (50 ms)",
+                    lambda: gather(c, "~/fabfleet/bench-latency", ["res/*.csv"], dest),
+                    lambda: subprocess.run(
+                        ["scp", "-q", "-r", "-i", str(testbed.KEY), "-P", str(proxy.port), "-o",
+                         f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
+                         "dev@127.0.0.1:fabfleet/bench-latency/res", str(work / "scp")],
+                        check=True, capture_output=True), rounds=5)
         master.terminate()
         (proj / "main.py").write_text("import mod3\nprint(mod3.X)\n")
         cli = [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "fabfleet"),
@@ -103,4 +117,13 @@ if __name__ == "__main__":
                          subprocess.run(ssh + ["cd fabfleet/bench-latency-rsync && python3 "
                                                "main.py"], check=True, capture_output=True)),
                 rounds=5)
+        cold = ("import os; from fabfleet import remote\n"
+                "@remote('far', inventory=os.environ['FABFLEET_INVENTORY'])\n"
+                "def f(x):\n    return x + 1\n"
+                "assert f(1) == 2\n")
+        compare("cold @remote in a new process vs ssh python3 -c (50 ms)",
+                lambda: subprocess.run([sys.executable, "-c", cold], check=True,
+                                       capture_output=True, env={**env, "PATH": "/usr/bin:/bin"}),
+                lambda: subprocess.run(ssh + ["python3", "-c", "'print(2)'"], check=True,
+                                       capture_output=True), rounds=5)
         close_workers()
