@@ -121,3 +121,27 @@ def test_init_writes_the_files_that_ship_with_the_package(fleet, tmp_path):
     assert listed.returncode == 0 and "check-env" in listed.stdout, listed.stderr
     from fabfleet import Inventory
     assert [h.name for h in Inventory.load(proj / "inventory.yaml")] == ["ws1"]
+
+
+def test_stray_modules_in_the_remote_home_shadow_nothing(fleet, tmp_path):
+    """A ~/json.py or ~/struct.py on the host (the cwd of `python -c` over SSH) must not
+    break the probe, the worker or the runner."""
+    from conftest import sh
+    from fabfleet import Inventory, check_hosts, close_workers, run_payload
+    strays = "~/json.py ~/struct.py ~/subprocess.py"
+    sh(fleet, "ws2", "for f in json struct subprocess; do echo 'raise SystemExit(\"shadowed\")' "
+                     "> ~/$f.py; done")
+    try:
+        close_workers()
+        inv = Inventory.load(fleet.inventory_path)
+        assert check_hosts(inv.select(host="ws2"))["ok"]
+        assert run_payload(inv["ws2"], abs, -7) == 7
+        proj = tmp_path / "strays"
+        (proj / ".git").mkdir(parents=True)
+        write(proj / "t.py", "print('ran')\n")
+        r = user_cli(fleet.bin, "run-remote", "-H", "ws2", "t.py", cwd=proj,
+                     inventory=fleet.inventory_path)
+        assert r.returncode == 0 and r.stdout == "ran\n", r.stdout + r.stderr
+    finally:
+        close_workers()
+        sh(fleet, "ws2", f"rm -f {strays}")

@@ -47,3 +47,26 @@ def test_an_attached_run_that_just_ended_reads_its_exit_code(tmp_path):
     assert runner.job_status(str(d))["status"] == "lost"
     (d / "exit_code").write_text("0\n")
     assert runner.job_status(str(d))["status"] == "exited"
+
+
+def test_run_ids_are_one_component_of_our_own_format():
+    assert runner.valid_run_id("20261201-104211-laptop-4242-a1b2c3")
+    for bad in ("../../x", "/etc", "-rf", "", "a/b", "a b", ".", "x" * 101):
+        assert not runner.valid_run_id(bad), bad
+
+
+def test_the_stopper_never_signals_a_pid_that_is_not_the_runs(tmp_path):
+    """A pid file the script overwrote with 1, our own pid, or another process group
+    leader without the run's id: none is the run's process."""
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    mine = subprocess.Popen(["sleep", "30"], start_new_session=True,
+                            env={**os.environ, "FABFLEET_RUN_ID": "r-1"})
+    try:
+        assert not runner.is_run_process(1, "r-1")
+        assert not runner.is_run_process(os.getpid(), "r-1")
+        assert not runner.is_run_process(other.pid, "r-1")
+        assert runner.is_run_process(mine.pid, "r-1")
+        assert not runner.is_run_process(mine.pid, "r-2")
+    finally:
+        other.kill()
+        mine.kill()

@@ -67,6 +67,9 @@ class Job:
     """A detached run on one host, by run id; re-creatable in any process."""
 
     def __init__(self, host: Host, run_id: str, record: dict | None = None) -> None:
+        if not runner.valid_run_id(run_id):
+            raise LocalError(f"{run_id!r} is not a fabfleet run id (they look like "
+                             "20261201-104211-laptop-4242-a1b2c3; `fabfleet jobs` lists them)")
         self.host = host
         self.run_id = run_id
         self.record = record or {}

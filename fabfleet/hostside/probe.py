@@ -6,11 +6,18 @@ function returning *raw* observations (``/proc/meminfo`` text, the ``nvidia-smi`
 A fact that fails is reported as ``{"error": …}``, never crashes the probe.
 """
 
+import sys
+
+# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
+# stray ~/json.py must not shadow the standard library this module imports below (only
+# when run on the host: imported locally, sys.path is the importer's business).
+if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+
 import json
 import os
 import shutil
 import subprocess
-import sys
 
 MARKER = "--fabfleet-probe--"
 args = {}

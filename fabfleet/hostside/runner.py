@@ -19,12 +19,19 @@ being read after :data:`PIPE_GRACE` seconds. ``timeout`` stops the whole process
 (SIGTERM, SIGKILL after ``grace``) and exits 124, as GNU timeout does.
 """
 
+import sys
+
+# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
+# stray ~/json.py must not shadow the standard library this module imports below (only
+# when run on the host: imported locally, sys.path is the importer's business).
+if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+
 import base64
 import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -245,8 +252,21 @@ def job_status(run_dir):
             "killed_by": (killed or {}).get("signal"), "tag": job.get("tag")}
 
 
+RUN_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+def valid_run_id(run_id):
+    """One path component in fabfleet's own format (letters, digits, ``-``): never
+    ``..``, a path, or an option."""
+    return (isinstance(run_id, str) and 0 < len(run_id) <= 100 and run_id[0].isalnum()
+            and set(run_id) <= RUN_ID_CHARS)
+
+
 def find_run(runs_root, run_id):
-    """The run dir of ``run_id`` under any project (run ids are unique)."""
+    """The run dir of ``run_id`` under any project (run ids are unique); a run id that is
+    not one of ours is refused."""
+    if not valid_run_id(run_id):
+        fail("unknown", "%r is not a fabfleet run id" % (run_id,))
     for project in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
         d = os.path.join(runs_root, project, run_id)
         if os.path.isdir(d):
@@ -292,6 +312,22 @@ def cmd_kill(spec):
                                               escalated=escalated)) + "\n")
 
 
+def is_run_process(pid, run_id):
+    """Whether ``pid`` is the run's own process: a process group leader (not init, not
+    us) whose environment carries this run's id. The pid file is in the run dir, which
+    the script can write: a stray ``1`` there must never become ``kill -TERM -1``."""
+    if pid <= 1 or pid == os.getpid() or start_ticks(pid) is None:
+        return False
+    try:
+        if os.getpgid(pid) != pid:
+            return False
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return ("FABFLEET_RUN_ID=%s" % run_id).encode() in env
+
+
 def cmd_stop(spec):
     """Stop an attached run (Ctrl-C on the client): its process group, by the pid the
     runner recorded, if that process is still the one it started."""
@@ -304,7 +340,7 @@ def cmd_stop(spec):
                 pid = int(f.read())
         except (OSError, ValueError):
             pid = None
-        if pid is not None and start_ticks(pid) is not None:
+        if pid is not None and is_run_process(pid, spec["run_id"]):
             signal_group(pid, signal.SIGTERM, float(spec.get("grace", 2)))
             stopped = True
     sys.stdout.write(REPORT + json.dumps({"stopped": stopped}) + "\n")

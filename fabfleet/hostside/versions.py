@@ -4,8 +4,15 @@
 Used by the Dask preflight to compare the host's packages with the local ones.
 """
 
-import json
 import sys
+
+# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
+# stray ~/json.py must not shadow the standard library this module imports below (only
+# when run on the host: imported locally, sys.path is the importer's business).
+if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+
+import json
 
 
 def versions(names):

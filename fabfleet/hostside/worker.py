@@ -40,11 +40,18 @@ connection dropped) the worker kills its process group — the function and any 
 it started — and exits at once.
 """
 
+import sys
+
+# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
+# stray ~/json.py must not shadow the standard library this module imports below (only
+# when run on the host: imported locally, sys.path is the importer's business).
+if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
+    del sys.path[0]
+
 import json
 import os
 import signal
 import struct
-import sys
 import threading
 import traceback
 
