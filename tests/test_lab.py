@@ -387,3 +387,30 @@ def test_tunnel_to_a_service_on_the_hosts_own_address(fleet, lab):
             assert events and f"127.0.0.1:{port} failed" in events[0]
         finally:
             execute(c, f"kill {pid}")
+
+
+# -- shared hosts --------------------------------------------------------------------------
+def test_a_work_dir_another_user_prepared_is_refused(fleet, lab, tmp_path):
+    """eve makes /tmp/sharedwd (0777) before you: nothing of yours is sourced or run
+    there; every entry point says why."""
+    box = fleet.container("stock")
+    subprocess.run(["docker", "exec", "-u", "eve", box, "sh", "-c",
+                    "rm -rf /tmp/sharedwd; mkdir -m 777 /tmp/sharedwd"], check=True)
+    try:
+        inv = variant(fleet, tmp_path, replace=("  work_dir: ~/fabfleet\n",
+                                                "  work_dir: /tmp/sharedwd\n"))
+        err = check_hosts(inv.select(host="stock"))["hosts"]["stock"]["error"]
+        assert "/tmp/sharedwd is not yours alone" in err and "Nothing was run" in err, err
+        from fabfleet import CommandError
+        with pytest.raises(CommandError) as exc:
+            run_payload(inv.connect("stock"), abs, -1)
+        assert "is not yours alone" in str(exc.value)
+        proj = tmp_path / "p"
+        write(proj / "pyproject.toml", "")
+        write(proj / "t.py", "print('ran')\n")
+        r = user_cli(fleet.bin, "run-remote", "-H", "stock", "t.py", "--no-push",
+                     inventory=Path(inv.path), cwd=proj,
+                     env={"FABFLEET_SSH_CONFIG": str(fleet.lab_ssh_config)})
+        assert r.returncode == 97 and "is not yours alone" in r.stderr and "ran" not in r.stdout
+    finally:
+        subprocess.run(["docker", "exec", "-u", "eve", box, "rm", "-rf", "/tmp/sharedwd"])

@@ -172,6 +172,9 @@ def _raw_facts(c, command: str, action: str) -> tuple[dict, str]:
     result = execute(c, command, timeout=QUICK_COMMAND, action=action)
     if result.exit_code == 127 and f"{shell.ERR} python" in result.stderr:
         return {"python_missing": True}, result.stdout
+    if result.exit_code == 97 and f"{shell.ERR} workdir" in result.stderr:
+        raise CommandError(host.name, shell.env_failure(host, result.stderr),
+                           exit_code=97, stderr=result.stderr)
     try:
         return parse_probe_output(result.stdout), result.stdout
     except ValueError:

@@ -48,7 +48,7 @@ def _remote_state(c, remote_dir: str) -> tuple[set[str], dict[str, tuple]]:
     """One round trip: create ``remote_dir``, say which of rsync and tar the host has,
     and list what is already there (see :func:`remote_manifest`)."""
     d = shell.path(remote_dir)
-    cmd = shell.sh(f"mkdir -p -- {d} && cd -- {d} || exit 1; "
+    cmd = shell.sh(f"umask 077 && mkdir -p -- {d} && cd -- {d} || exit 1; "
                    "for t in rsync tar; do command -v $t >/dev/null 2>&1 && printf '%s ' $t; "
                    f"done; echo; {FIND_LISTING} || exit 3")
     result = execute(c, cmd, timeout=TREE_COMMAND, action=f"list files in {remote_dir}")

@@ -106,7 +106,7 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
         raise CommandError(host.name, f"Python interpreter {host.python!r} was not found on "
                            "the host. Install Python 3 there, or set `python:` in the "
                            "inventory to its full path.", exit_code=code, stderr=stderr_tail)
-    if code == 97 and (_ERR + " env" in stderr_tail or _ERR + " setup" in stderr_tail):
+    if code == 97 and any(_ERR + w in stderr_tail for w in (" env", " setup", " workdir")):
         raise CommandError(host.name, shell.env_failure(host, stderr_tail), exit_code=code,
                            stderr=stderr_tail)
     if code == runner.SCRIPT_MISSING and "script:" in marker:

@@ -115,5 +115,6 @@ class RunnerStderr:
 
 def upload_script(c, data: bytes, remote_dir: str, name: str) -> None:
     with host_errors(c.fleet_host.name, f"upload {name}"):
-        execute(c, shell.sh(f"mkdir -p -- {shell.path(remote_dir)}"), timeout=QUICK_COMMAND)
+        execute(c, shell.sh(f"umask 077 && mkdir -p -- {shell.path(remote_dir)}"),
+                timeout=QUICK_COMMAND)
         c.put(io.BytesIO(data), remote=f"{shell.home_relative(remote_dir)}/{name}")

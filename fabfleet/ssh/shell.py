@@ -131,6 +131,18 @@ def _setup(host: Host, report: bool) -> str:
     return out
 
 
+def workdir_guard(host: Host) -> str:
+    """Shell that refuses (exit 97, ``fabfleet-error: workdir: …``) a work dir that exists
+    but is not the user's own, or that group or others can write — as OpenSSH's
+    StrictModes refuses such a home: whoever can write there could put an
+    ``activate`` script or a module in your runs' way. Runs before anything is sourced."""
+    wd = path(host.work_dir.rstrip("/") or "/")
+    said = q(f"{ERR} workdir: {host.work_dir} is not yours alone (owned by another user, or "
+             "writable by group or others)")
+    return (f"if [ -e {wd} ] && {{ [ ! -O {wd} ] || [ -n \"$(find {wd} -maxdepth 0 "
+            f"-perm /022 2>/dev/null)\" ]; }}; then echo {said} >&2; exit 97; fi; ")
+
+
 def in_env(host: Host, script: str, *, project: str | None = None, activate: bool = True,
            report_env_error: bool = False) -> str:
     """The whole remote command for ``script`` (POSIX sh) inside the host's environment:
@@ -149,6 +161,7 @@ def in_env(host: Host, script: str, *, project: str | None = None, activate: boo
     act = (run_activation(host, project) if activate else "") or "true"
     py = q(host.python)
     first = ""
+    guard = workdir_guard(host)
     if report_env_error:
         first = 'fabfleet_env_err=; fabfleet_t=$(mktemp) || fabfleet_t=/dev/null; '
         # Activate in this shell (a subshell would not keep it); keep its stderr.
@@ -162,12 +175,12 @@ def in_env(host: Host, script: str, *, project: str | None = None, activate: boo
              f"{q(f'{ERR} python: {host.python} not found on this host')} >&2; exit 127; }}; ")
     setup = _setup(host, report_env_error)
     if host.shell != "login":
-        return sh(first + exports(host.env) + setup + activation_part + check + script)
+        return sh(guard + first + exports(host.env) + setup + activation_part + check + script)
     # The login shell runs the setup lines, then becomes sh (exec) with their environment.
     inner = (first + exports(host.env) + setup
              + ("export fabfleet_env_err fabfleet_t; " if report_env_error else "")
              + 'exec /bin/sh -c "$1"')
-    return sh(f'exec "${{SHELL:-/bin/sh}}" -l -c {q(inner)} fabfleet-login '
+    return sh(guard + f'exec "${{SHELL:-/bin/sh}}" -l -c {q(inner)} fabfleet-login '
               + q(activation_part + check + script))
 
 
@@ -175,6 +188,11 @@ def env_failure(host: Host, stderr: str) -> str:
     """What a failed setup line or activation said (``stderr`` of a command that exited
     97), as one sentence with the fix, naming the setup line that failed."""
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    owner = next((ln for ln in lines if ln.startswith(f"{ERR} workdir: ")), None)
+    if owner is not None:
+        return (owner[len(f"{ERR} workdir: "):] + ". Nothing was run: someone else could "
+                "have put code there. Use a `work_dir` of your own (the default ~/fabfleet), "
+                "or fix its owner and mode (chmod 700).")
     marker = next((ln for ln in lines if ln.startswith(f"{ERR} setup: ")), None)
     said = "; ".join(ln for ln in lines if not ln.startswith(ERR))[-500:]
     if marker is not None:
