@@ -9,7 +9,6 @@ A second call for the same host and project reconnects to the server already run
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 import time
@@ -21,7 +20,7 @@ from ..errors import CommandError, LocalError, host_errors
 from ..host.jobs import Job, list_jobs, start_job
 from ..hostside import jupyter_app
 from ..ssh import shell
-from ..ssh.connect import sftp_client
+from ..ssh.connect import sftp_client, sftp_put_private
 from ..ssh.exec import execute
 from ..ssh.launch import file_of, python_command
 from ..ssh.liveness import watched
@@ -66,13 +65,17 @@ def start_server(c, project: str, cwd: str = "", timeout: float = APP_START) -> 
     lay = layout(host, project)
     env_file = f"{lay['runs']}/.env-{secrets.token_hex(8)}.json"
     mk = shell.path(lay["runs"])
-    execute(c, shell.sh(f"mkdir -p -- {mk} && chmod 700 -- {mk}"), timeout=QUICK_COMMAND,
-            action="prepare the run dir")
+    made = execute(c, shell.sh(f"umask 077 && mkdir -p -- {mk} && chmod 700 -- {mk}"),
+                   timeout=QUICK_COMMAND, action="prepare the run dir")
+    if made.exit_code != 0:  # never send the token into a dir that is not private
+        raise CommandError(host.name, f"could not make the private run dir {lay['runs']}: "
+                           f"{made.stderr.strip()[-300:]}; the token was not sent. Check "
+                           "that `work_dir` is writable and yours.", exit_code=made.exit_code,
+                           stderr=made.stderr)
     with watched(c, "send the Jupyter token"), host_errors(host.name, "send the Jupyter token"):
-        sftp = sftp_client(c)
-        sftp.putfo(io.BytesIO(json.dumps({"JUPYTER_TOKEN": token}).encode()),
-                   shell.home_relative(env_file))
-        sftp.chmod(shell.home_relative(env_file), 0o600)
+        # 0600 from its creation, before it holds the token
+        sftp_put_private(sftp_client(c), json.dumps({"JUPYTER_TOKEN": token}).encode(),
+                         env_file)
     job = start_job(c, file_of(jupyter_app), ["launch", port, app], project=project, cwd=cwd,
                     env_file=env_file, tag=TAG)
     deadline = time.monotonic() + timeout
