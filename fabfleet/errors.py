@@ -117,33 +117,18 @@ class FanOutError(FleetError):
         super().__init__(summary)
 
 
-def key_fingerprint(key) -> str:
-    import base64
-    import hashlib
-    return base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
-def _lists_host(path: str, name: str) -> bool:
-    import paramiko
-    try:
-        return paramiko.HostKeys(path).lookup(name) is not None
-    except (OSError, paramiko.SSHException):
-        return False
-
-
 def _tail(text: str, lines: int = 5) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 @contextlib.contextmanager
-def host_errors(host: str, action: str, *, known_hosts: tuple[str, ...] = (),
-                host_key_name: str | None = None) -> Iterator[None]:
+def host_errors(host: str, action: str) -> Iterator[None]:
     """Translate paramiko/socket/invoke exceptions raised inside into :class:`HostError`.
 
     ``action`` says what was being attempted ("connect to 127.0.0.1:2201 as dev",
-    "run 'python3 -V'"); it goes into the message. Our own errors pass through.
-    ``known_hosts`` and ``host_key_name`` (``[addr]:port``) let a changed-key error
-    name the file holding the stale entry and the exact ``ssh-keygen -R`` to run.
+    "run 'python3 -V'"); it goes into the message. Our own errors pass through (host
+    keys are judged by :mod:`fabfleet.ssh.hostkeys`, which raises :class:`HostKeyError`
+    itself, naming the file and line).
     """
     # Imported here so that importing fabfleet.errors stays cheap for pure parsers.
     import invoke.exceptions  # the errors Fabric raises, not the task machinery
@@ -153,20 +138,11 @@ def host_errors(host: str, action: str, *, known_hosts: tuple[str, ...] = (),
         yield
     except FleetError:
         raise
-    except paramiko.BadHostKeyException as exc:
-        name = host_key_name or exc.hostname
-        stale = [f for f in known_hosts if _lists_host(f, name)] or list(known_hosts)
-        fix = " and ".join(f"`ssh-keygen -R '{name}' -f {f}`" for f in stale) or \
-            f"`ssh-keygen -R '{name}'`"
+    except paramiko.BadHostKeyException as exc:  # only if paramiko was given keys itself
         raise HostKeyError(
             host,
-            f"the host key CHANGED, refusing to {action}: {name} now offers "
-            f"{exc.key.get_name()} SHA256:{key_fingerprint(exc.key)}, but "
-            f"{', '.join(stale) or 'known_hosts'} has SHA256:{key_fingerprint(exc.expected_key)}. "
-            "This can be an attack; "
-            "or the host was reinstalled. Only if you know why it changed, remove the old "
-            f"entry with {fix}, then add the new key (`host_key_policy: accept-new` or "
-            "ssh-keyscan).",
+            f"the host key CHANGED, refusing to {action}: {exc.hostname} offers another key "
+            "than the one recorded. This can be an attack; or the host was reinstalled.",
         ) from exc
     except paramiko.AuthenticationException as exc:
         raise AuthError(

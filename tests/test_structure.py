@@ -221,3 +221,12 @@ def test_fabfile_is_the_same_objects_not_copies():
     assert fabfile.Inventory is fabfleet.Inventory and fabfile.remote is fabfleet.remote
     assert fabfile.tasks.ns is fabfleet.tasks.ns
     assert callable(fabfleet.remote)  # never shadowed by a subpackage of that name
+
+
+def test_the_readme_table_of_waits_is_the_deadlines_module():
+    """Every wait and its bound, as config/deadlines.py derives them, stands in the
+    README's "Waits and bounds" table: one home, and the table stays true."""
+    from fabfleet.config.deadlines import table
+    readme = (ROOT / "README.md").read_text()
+    for wait, bound in table():
+        assert f"| {wait} | {bound} |" in readme, wait

@@ -19,6 +19,7 @@ def check_hosts(hosts: Iterable[Host], *, require: Sequence[str] = (),
     "python", …}}}``; a host that cannot be reached, refuses our key or shows an unknown
     key gets ``ok: false`` and its error."""
     hosts = list(hosts)
+    hops = {h.name: [x.name for x in h.hops] for h in hosts}
     results = per_host(hosts, lambda c: {**check_env(c, require=require, project=project),
                                          "route": list(c.route)},
                        max_workers=max_workers, timeout=lambda h: deadlines(h).check)
@@ -32,8 +33,7 @@ def check_hosts(hosts: Iterable[Host], *, require: Sequence[str] = (),
                             "error": str(err) if isinstance(err, FleetError) else
                             f"{name}: unexpected {type(err).__name__}: {err}",
                             "error_type": type(err).__name__,
-                            "route": [x.name for x in next(h for h in hosts
-                                                           if h.name == name).hops]}
+                            "route": hops[name]}
     return {"ok": all(r["ok"] for r in report.values()), "hosts": report}
 
 
