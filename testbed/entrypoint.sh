@@ -9,7 +9,9 @@
 set -e
 echo "${FABFLEET_HOST:-unknown}" > /etc/fabfleet-host
 if [ -n "${HOSTKEYS:-}" ]; then
-    for t in $HOSTKEYS; do ssh-keygen -q -t "$t" -N "" -f "/etc/ssh/ssh_host_${t}_key"; done
+    for t in $HOSTKEYS; do
+        [ -f "/etc/ssh/ssh_host_${t}_key" ] || ssh-keygen -q -t "$t" -N "" -f "/etc/ssh/ssh_host_${t}_key"
+    done
 else
     ssh-keygen -A >/dev/null
 fi

@@ -32,6 +32,13 @@ INSTALL = 1800.0
 #: Attached runs: the runner on the host enforces ``--timeout``; ours closes the channel
 #: this long after it, in case the runner itself is stuck.
 RUN_BACKSTOP = 60.0
+#: An attached run's client (and a ``logs --follow``) sends the host a heartbeat this often.
+HEARTBEAT = 2.0
+#: The host stops an attached run (and ends a follower) whose client has sent nothing for
+#: this long (a lost network); when the client's connection closes (it was killed), at once.
+CLIENT_LOST = 30.0
+#: ``logs --follow`` retries a dropped connection for this long per outage.
+RECONNECT_FOR = 600.0
 #: Waiting for an app (Jupyter, a Dask scheduler) to write its address file.
 APP_START = 90.0
 
@@ -99,5 +106,10 @@ def table() -> list[tuple[str, str]]:
          f"{INTERRUPT_GRACE:g} s later"),
         ("stopping a run or job (Ctrl-C, kill)", f"SIGTERM, SIGKILL {STOP_GRACE:g} s later "
          "(kill: --grace)"),
+        ("an attached run whose client is gone", f"stopped on the host (SIGTERM, SIGKILL "
+         f"{STOP_GRACE:g} s later) as soon as the client's connection closes, or after "
+         f"{CLIENT_LOST:g} s without its heartbeat (sent every {HEARTBEAT:g} s)"),
+        ("`logs --follow` after a dropped connection", f"reconnects for {RECONNECT_FOR:g} s "
+         "per outage; the host-side follower ends with its client"),
         ("Jupyter / a Dask scheduler starting", f"{APP_START:g} s"),
     ]

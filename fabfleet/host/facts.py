@@ -102,7 +102,7 @@ FACTS: Sequence[Fact] = (
 
 
 def probe_command(host: Host, require: Sequence[str] = (), project: str | None = None,
-                  facts: Sequence[str] | None = None) -> str:
+                  facts: Sequence[str] | None = None) -> shell.Remote:
     """The one command that gathers every fact (or only ``facts``): the probe, in the
     host's env; a failed activation is reported by the probe rather than fatal."""
     args = {"require": list(require), "work_dir": host.work_dir,
@@ -165,7 +165,7 @@ def interpret(host: Host, raw: dict, require: Sequence[str] = ()) -> dict:
     return report
 
 
-def _raw_facts(c, command: str, action: str) -> tuple[dict, str]:
+def _raw_facts(c, command: shell.Remote, action: str) -> tuple[dict, str]:
     """Run a probe command; its raw facts (``{"python_missing": True}`` when the
     interpreter is not there) and its whole stdout."""
     host: Host = c.fleet_host
@@ -223,8 +223,8 @@ def top_snapshot(c) -> dict:
     function ``jobs`` uses), of the host behind ``c``."""
     host: Host = c.fleet_host
     jobs_spec = {"runs_root": layout(host, "")["all_runs"], "project": None}
-    command = probe_command(host, facts=TOP_FACTS) + " ; " + python_command(
-        host, runner, ["jobs", json.dumps(jobs_spec)])
+    command = probe_command(host, facts=TOP_FACTS).then(python_command(
+        host, runner, ["jobs", json.dumps(jobs_spec)]))
     raw, stdout = _raw_facts(c, command, "read the host's load")
     if raw.get("python_missing"):
         raise CommandError(host.name, f"Python interpreter {host.python!r} was not found "

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config.deadlines import QUICK_COMMAND
+from ..config.deadlines import CLIENT_LOST, HEARTBEAT, QUICK_COMMAND, RECONNECT_FOR
 from ..config.inventory import Host
 from ..config.settings import layout
 from ..errors import CommandError, ConnectError, LocalError
@@ -36,9 +36,11 @@ SIGNALS = ("TERM", "INT", "HUP", "KILL", "QUIT", "USR1", "USR2")
 
 def _remote(c, command: str, spec: dict, *, action: str, timeout: float | None = QUICK_COMMAND,
             on_stdout: Callable[[bytes], None] | None = None,
-            project: str | None = None) -> tuple[dict | list, str]:
+            project: str | None = None, heartbeat: bool = False) -> tuple[dict | list, str]:
     """Run a runner sub-command on the host (in ``project``'s env); its report and its
-    raw stdout."""
+    raw stdout. With ``heartbeat`` the host-side command ends when we are gone."""
+    if heartbeat:
+        spec = dict(spec, client_lost=CLIENT_LOST)
     host: Host = c.fleet_host
     stderr = RunnerStderr(None)
     out = bytearray()
@@ -50,7 +52,8 @@ def _remote(c, command: str, spec: dict, *, action: str, timeout: float | None =
             out.extend(data)
     result = execute(c, python_command(host, runner, [command, json.dumps(spec)],
                                        project=project),
-                     timeout=timeout, keep=False, on_stdout=keep, on_stderr=stderr, action=action)
+                     timeout=timeout, keep=False, on_stdout=keep, on_stderr=stderr, action=action,
+                     heartbeat=HEARTBEAT if heartbeat else None)
     text = bytes(out).decode("utf-8", "replace")
     _, sep, rest = text.partition(runner.REPORT)  # most commands report on stdout
     report = json.loads(rest.splitlines()[0]) if sep else stderr.report()
@@ -110,11 +113,12 @@ class Job:
 
     def logs(self, *, stream: str = "stdout", follow: bool = False,
              on_output: Callable[[bytes], None] | None = None, offset: int = 0,
-             reconnect_for: float = 600.0) -> dict:
+             reconnect_for: float = RECONNECT_FOR) -> dict:
         """The job's output from byte ``offset`` to ``on_output`` (default: returned in
         ``["data"]``); with ``follow``, until the job ends. A dropped connection (laptop
-        sleep, network change) is retried for ``reconnect_for`` seconds and resumes at
-        the byte where it stopped. Returns the final status (with ``offset``)."""
+        sleep, network change) is retried for ``reconnect_for`` seconds per outage and
+        resumes at the byte where it stopped; the follower on the host ends when we do.
+        Returns the final status (with ``offset``)."""
         if stream not in ("stdout", "stderr"):
             raise LocalError(f"stream {stream!r}: expected stdout or stderr")
         chunks: list[bytes] = []
@@ -124,14 +128,16 @@ class Job:
         def take(data: bytes) -> None:
             got[0] += len(data)
             sink(data)
-        lost_since = None
+        lost_since: float | None = None
         while True:
             try:
                 with self._conn() as c:
+                    lost_since = None  # connected: the outage (if any) is over
                     report, _ = _remote(c, "logs", self._spec(stream=stream, offset=got[0],
                                                               follow=follow),
                                         action=f"read the output of {self.run_id}",
-                                        timeout=None, on_stdout=take)
+                                        timeout=None,
+                                        on_stdout=take, heartbeat=follow)
                 break
             except ConnectError:
                 if not follow:

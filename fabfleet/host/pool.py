@@ -111,9 +111,11 @@ class Worker:
             self.chan = c.client.get_transport().open_session(timeout=timeout)
             cache = f"~/.cache/fabfleet/cloudpickle-{cloudpickle.__version__}"
             # The same env as runs: env vars, venv/conda env or the project's venv.
-            self.chan.exec_command(python_command(
+            command = python_command(
                 self.host, proto, [cloudpickle.__version__, cache, "fabfleet-worker"],
-                project=project, unbuffered=True))
+                project=project, unbuffered=True)
+            self.chan.exec_command(command.command)
+            send_all(self.chan, command.stdin)  # the worker's source; calls follow
         deadline = time.monotonic() + timeout
         kind, _, data = self._frame_before(deadline)
         if kind == proto.NEED:

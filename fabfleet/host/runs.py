@@ -12,7 +12,10 @@ A run is one SSH channel: the stdlib-only runner (:mod:`fabfleet.hostside.runner
 source) starts the script in its own process group, tees its output to the run dir and
 to us as it arrives, enforces ``timeout`` there (so the script stops even if we are
 gone), stops leftover processes when the script exits, and reports what it could not do.
-Ctrl-C locally sends SIGTERM (then SIGKILL) to that group.
+Ctrl-C locally sends SIGTERM (then SIGKILL) to that group. An attached run ends with its
+client: we send a heartbeat on the channel's stdin, and the runner stops the script's
+group when the channel closes or the heartbeat stops for
+:data:`~fabfleet.config.deadlines.CLIENT_LOST` seconds (detached jobs outlive us).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.deadlines import QUICK_COMMAND, RUN_BACKSTOP, STOP_GRACE
+from ..config.deadlines import (CLIENT_LOST, HEARTBEAT, QUICK_COMMAND, RUN_BACKSTOP,
+                                STOP_GRACE)
 from ..config.inventory import Host
 from ..config.settings import layout
 from ..errors import CommandError, FleetError
@@ -84,6 +88,7 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     if timeout is not None:
         spec["timeout"] = timeout
     spec["keep_children"] = keep_children
+    spec["client_lost"] = CLIENT_LOST  # the host stops the run when we are gone
     command = python_command(host, runner, ["run", json.dumps(spec)], project=project)
     stderr = RunnerStderr(on_stderr)
     key = (host.name, run_dir)
@@ -94,7 +99,8 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
             # The runner enforces `timeout` on the host; ours is only a backstop.
             result = execute(c, command, keep=False, on_stdout=on_stdout, on_stderr=stderr,
                              timeout=None if timeout is None else timeout + RUN_BACKSTOP,
-                             action=f"run {script.name} in {lay['project']}")
+                             action=f"run {script.name} in {lay['project']}",
+                             heartbeat=HEARTBEAT)
         finally:
             with _active_lock:
                 _active.pop(key, None)

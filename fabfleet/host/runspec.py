@@ -28,7 +28,9 @@ from ..ssh.exec import execute
 
 _ERR = shell.ERR
 
-INLINE_LIMIT = 256 * 1024  # scripts up to this size travel inside the command line
+# Scripts up to this size travel with the run's spec on the channel's stdin (never on a
+# command line); bigger ones are uploaded to the run dir first.
+INLINE_LIMIT = 16 * 1024 * 1024
 # A directory with no project marker is pushed as the project only while it is small:
 # a script run from a cluttered directory must not send gigabytes by surprise.
 UNMARKED_MAX_FILES = 2000

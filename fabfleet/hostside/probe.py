@@ -1,23 +1,16 @@
 """The environment probe: raw facts about a host, one JSON object after a marker line.
 
-Run by check-env and top (``python -c SOURCE ARGS_JSON [ENV_ERROR]``). Each fact is a
+Run by check-env and top (arguments ``ARGS_JSON [ENV_ERROR]``, through :mod:`fabfleet.hostside.boot`). Each fact is a
 function returning *raw* observations (``/proc/meminfo`` text, the ``nvidia-smi`` CSV,
 ``sys.version_info``…); :mod:`fabfleet.host.facts` parses them with pure functions.
 A fact that fails is reported as ``{"error": …}``, never crashes the probe.
 """
 
-import sys
-
-# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
-# stray ~/json.py must not shadow the standard library this module imports below (only
-# when run on the host: imported locally, sys.path is the importer's business).
-if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
-    del sys.path[0]
-
 import json
 import os
 import shutil
 import subprocess
+import sys
 
 MARKER = "--fabfleet-probe--"
 args = {}

@@ -1,6 +1,6 @@
 """The remote side of a script run: start the script, tee its output, record the run.
 
-Sent to the host as source and run as ``python -c SOURCE SPEC_JSON`` (standard library
+Sent to the host on stdin (:mod:`fabfleet.hostside.boot`) with the arguments ``COMMAND SPEC_JSON`` and run with ``python -I`` (standard library
 only; :mod:`fabfleet.host.runs` is the client). It survives its own failures: a run dir it
 cannot create or a disk that fills up only stops the *saving* (the script's output keeps
 flowing to the client); what could not be saved is reported. The report is the last
@@ -19,23 +19,17 @@ being read after :data:`PIPE_GRACE` seconds. ``timeout`` stops the whole process
 (SIGTERM, SIGKILL after ``grace``) and exits 124, as GNU timeout does.
 """
 
-import sys
-
-# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
-# stray ~/json.py must not shadow the standard library this module imports below (only
-# when run on the host: imported locally, sys.path is the importer's business).
-if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
-    del sys.path[0]
-
 import base64
 import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 
+ISOLATED = True  # run with `python -I`: nothing of the user's (cwd, user site) is imported
 ERROR = "\x1efabfleet-error: "
 REPORT = "\x1efabfleet-report: "
 RUNNER_FAILED = 95
@@ -145,6 +139,39 @@ def pump(src, saver, out, stop):
             pass  # our SSH channel is gone: keep draining and saving
 
 
+class ClientWatch(object):
+    """Whether the client is still there: it sends a byte on our stdin every few seconds
+    (``heartbeat`` in the spec). End of file (its process died, the connection closed)
+    or ``lost_after`` seconds of silence (the network is gone) sets ``gone``."""
+
+    def __init__(self, lost_after):
+        self.gone = threading.Event()
+        self.why = None
+        self.lost_after = lost_after
+        t = threading.Thread(target=self.watch)
+        t.daemon = True
+        t.start()
+
+    def watch(self):
+        import select
+        last = time.time()
+        while True:
+            ready = select.select([0], [], [], 1.0)[0]
+            if ready:
+                try:
+                    got = os.read(0, 4096)
+                except OSError:
+                    got = b""
+                if not got:
+                    self.why = "its connection closed"
+                    break
+                last = time.time()
+            elif time.time() - last > self.lost_after:
+                self.why = "no sign of it for %gs" % self.lost_after
+                break
+        self.gone.set()
+
+
 def fail(kind, message):
     sys.stderr.write("%s%s: %s\n" % (ERROR, kind, message))
     sys.stderr.flush()
@@ -223,7 +250,7 @@ def job_status(run_dir):
         status = "killed"
     elif code is not None:
         status = "exited"
-    elif job:
+    elif job.get("start_ticks") is not None:
         # Running while the job's process is, or while its runner still is: between the
         # process's end and the exit code being written, the runner is finishing up.
         same_boot = job.get("boot_id") == boot_id()
@@ -233,7 +260,7 @@ def job_status(run_dir):
                 and start_ticks(job.get("runner_pid", 0)) == job["runner_ticks"]))
         code = read_exit_code(run_dir) if not alive else None  # written since we looked?
         status = "running" if alive else "exited" if code is not None else "lost"
-    else:  # an attached run: alive while its pid is (no start time recorded)
+    else:  # a run of an older fabfleet: alive while its pid is (no start time recorded)
         try:
             with open(os.path.join(run_dir, "pid")) as f:
                 pid = int(f.read())
@@ -244,7 +271,8 @@ def job_status(run_dir):
         status = "running" if alive else "exited" if code is not None else "lost"
     argv = job.get("argv") or command.get("argv") or []
     return {"run_id": os.path.basename(run_dir), "project": os.path.basename(os.path.dirname(run_dir)),
-            "status": status, "exit_code": code, "detached": bool(job),
+            "status": status, "exit_code": code,
+            "detached": bool(job) and not job.get("attached"),
             "command": " ".join([os.path.basename(argv[2])] + argv[3:]) if len(argv) > 2
                        else " ".join(argv),
             "started": started, "age": (time.time() - started) if started else None,
@@ -356,6 +384,8 @@ def cmd_logs(spec):
     path = os.path.join(run_dir, spec.get("stream") or "stdout")
     offset = int(spec.get("offset") or 0)
     out = sys.stdout.buffer
+    # A follower whose client is gone (Ctrl-C, a dropped link) ends: nothing stays behind.
+    client = ClientWatch(float(spec["client_lost"])) if spec.get("client_lost") else None
     while True:
         state = job_status(run_dir)  # read before the data: nothing written after is lost
         try:
@@ -372,7 +402,10 @@ def cmd_logs(spec):
             pass
         if not spec.get("follow") or state["status"] != "running":
             break
-        time.sleep(0.2)
+        if client is not None and client.gone.wait(0.2):
+            os._exit(0)
+        elif client is None:
+            time.sleep(0.2)
     sys.stderr.write(REPORT + json.dumps(dict(state, offset=offset)) + "\n")
 
 
@@ -507,7 +540,15 @@ def main(spec):
         fail("cwd", "cannot start %s: %s" % (sys.executable, exc))
     pgid = proc.pid
     write_file(run_dir, "pid", str(proc.pid), notes)
+    # The same record as a job's (pid, start time, boot id, runner), so that `jobs` tells
+    # this run from a later process that reused its pid, after a reboot too.
+    write_file(run_dir, "job.json", json.dumps(
+        {"run_id": spec["run_id"], "project": spec.get("project"), "argv": argv, "cwd": cwd,
+         "pid": proc.pid, "pgid": proc.pid, "start_ticks": start_ticks(proc.pid),
+         "boot_id": boot_id(), "started": started, "runner_pid": os.getpid(),
+         "runner_ticks": start_ticks(os.getpid()), "attached": True}), notes)
     stopped = [None]
+    client = ClientWatch(float(spec["client_lost"])) if spec.get("client_lost") else None
 
     def forward(signum, frame):
         stopped[0] = "signal"
@@ -526,14 +567,26 @@ def main(spec):
         t.daemon = True
         t.start()
     timeout, grace = spec.get("timeout"), float(spec.get("grace") or 2.0)
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        stopped[0] = "timeout"
-        notes.append("stopped after %gs (--timeout): SIGTERM to the script's process group, "
-                     "SIGKILL %gs later" % (timeout, grace))
-        stop_group(pgid, grace)
-        code = proc.wait()
+    deadline = None if timeout is None else started + timeout
+    code = None
+    while code is None:
+        step = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.time()))
+        try:
+            code = proc.wait(step)
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.time() >= deadline:
+                stopped[0] = "timeout"
+                notes.append("stopped after %gs (--timeout): SIGTERM to the script's process "
+                             "group, SIGKILL %gs later" % (timeout, grace))
+                stop_group(pgid, grace)
+                code = proc.wait()
+            elif client is not None and client.gone.is_set():
+                stopped[0] = "client"
+                notes.append("the client went away (%s): stopped the script's process group, "
+                             "as attached runs are (use --detach for jobs that outlive "
+                             "the client)" % client.why)
+                stop_group(pgid, grace)
+                code = proc.wait()
     left = group_members(pgid)
     if left and not spec.get("keep_children"):
         notes.append("the script left %d process(es) running in its process group (pids %s): "

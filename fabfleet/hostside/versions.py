@@ -1,18 +1,11 @@
 """Installed versions of packages in the host's env, and its Python: one JSON line.
 
-``python -c SOURCE NAME…`` prints ``{"python": "3.11.2", NAME: "1.2.3" | null, …}``.
+Run with the arguments ``NAME…`` (through :mod:`fabfleet.hostside.boot`), it prints ``{"python": "3.11.2", NAME: "1.2.3" | null, …}``.
 Used by the Dask preflight to compare the host's packages with the local ones.
 """
 
-import sys
-
-# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
-# stray ~/json.py must not shadow the standard library this module imports below (only
-# when run on the host: imported locally, sys.path is the importer's business).
-if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
-    del sys.path[0]
-
 import json
+import sys
 
 
 def versions(names):

@@ -1,6 +1,6 @@
 """The remote side of pickled payloads: a worker that runs calls read from stdin.
 
-This file is sent to the host as source and run as ``python -u -c SOURCE VERSION CACHE``;
+This file is sent to the host as source and run (through :mod:`fabfleet.hostside.boot`, its source on stdin) with the arguments ``VERSION CACHE``;
 it needs nothing but the standard library (and cloudpickle, which the client ships when
 the host lacks its version). It is also imported locally, for its constants and so the
 tests can run it in a local subprocess and speak its protocol. Keep it importable by
@@ -40,18 +40,11 @@ connection dropped) the worker kills its process group — the function and any 
 it started — and exits at once.
 """
 
-import sys
-
-# `python -c` puts the current directory (the home dir, over SSH) first on sys.path: a
-# stray ~/json.py must not shadow the standard library this module imports below (only
-# when run on the host: imported locally, sys.path is the importer's business).
-if __name__ == "__main__" and sys.path and sys.path[0] in ("", "."):
-    del sys.path[0]
-
 import json
 import os
 import signal
 import struct
+import sys
 import threading
 import traceback
 

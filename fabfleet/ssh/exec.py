@@ -1,4 +1,4 @@
-"""Run one remote command on a raw SSH channel: streamed output, deadlines, no stdin.
+"""Run one remote command on a raw SSH channel: streamed output, deadlines, stdin sent once.
 
 Invoke's runner adds ~10 ms per command (threads, polling sleeps) and reads stdin byte
 by byte; here a command costs one channel round trip (~4 ms on loopback). Output goes
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..config.deadlines import deadlines
 from ..errors import CommandError, ConnectError, host_errors
 from .liveness import watchdog
+from .shell import Remote
 
 Sink = Callable[[bytes], None]
 
@@ -45,10 +46,16 @@ class ExecResult:
     stdout_bytes: bytes = b""
 
 
-def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | None = None,
-            on_stderr: Sink | None = None, keep: bool = True, pty: bool = False,
-            action: str | None = None) -> ExecResult:
+def execute(c, command: str | Remote, *, timeout: float | None = 600,
+            on_stdout: Sink | None = None, on_stderr: Sink | None = None, keep: bool = True,
+            pty: bool = False, action: str | None = None,
+            heartbeat: float | None = None) -> ExecResult:
     """Run ``command`` on connection ``c`` and wait for its exit code.
+
+    A :class:`~fabfleet.ssh.shell.Remote` gets its ``stdin`` sent, then end-of-file —
+    unless ``heartbeat``: then stdin stays open and one byte goes every ``heartbeat``
+    seconds, so the host side can tell that we are still there (the runner stops an
+    attached run whose client went away).
 
     ``on_stdout``/``on_stderr`` receive raw bytes as they arrive; with ``keep`` the text
     is also collected into the result. ``timeout`` bounds the whole command: past it the
@@ -57,7 +64,8 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
     Non-zero exit codes are returned, not raised: callers decide.
     """
     host = c.fleet_host.name
-    action = action or f"run `{command[:80]}`"
+    remote = command if isinstance(command, Remote) else Remote(command)
+    action = action or f"run `{remote.command[:80]}`"
     out: list[bytes] = []
     err: list[bytes] = []
     started = time.monotonic()
@@ -68,14 +76,25 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
         try:
             if pty:
                 chan.get_pty()
-            chan.exec_command(command)
+            chan.exec_command(remote.command)
+            if remote.stdin:
+                send_all(chan, remote.stdin)
+            if heartbeat is None:
+                chan.shutdown_write()
+            beat = time.monotonic() + (heartbeat or 0)
             streams = ((chan.recv_ready, chan.recv, out, on_stdout),
                        (chan.recv_stderr_ready, chan.recv_stderr, err, on_stderr))
             while True:
                 if timeout is not None and time.monotonic() - started > timeout:
                     raise CommandError(host, f"{action} did not finish within {timeout:g}s; "
                                        "it was stopped. Raise the timeout if it needs longer.")
-                select.select([chan], [], [], 0.5)
+                select.select([chan], [], [], 0.5 if heartbeat is None else min(0.5, heartbeat))
+                if heartbeat is not None and time.monotonic() >= beat and not chan.closed:
+                    beat = time.monotonic() + heartbeat
+                    try:
+                        chan.send(b".")
+                    except (OSError, EOFError):
+                        pass  # closing: the loop sees why
                 got = False
                 for ready, recv, kept, callback in streams:
                     while ready():
@@ -108,6 +127,6 @@ def execute(c, command: str, *, timeout: float | None = 600, on_stdout: Sink | N
         finally:
             chan.close()
     raw = b"".join(out)
-    return ExecResult(command, code if code != -1 else 255, raw.decode("utf-8", "replace"),
+    return ExecResult(remote.command, code if code != -1 else 255, raw.decode("utf-8", "replace"),
                       b"".join(err).decode("utf-8", "replace"), time.monotonic() - started,
                       raw)

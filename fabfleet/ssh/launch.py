@@ -10,11 +10,13 @@ the interpreter is missing (exit 127) or the env does not activate (exit 97).
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 from ..config.inventory import Host
+from ..hostside import boot
 from . import shell
 
 
@@ -28,18 +30,30 @@ def source(module: ModuleType) -> str:
     return _source(module.__file__)
 
 
+def frame(module: ModuleType, args: Sequence[str]) -> bytes:
+    """What :mod:`fabfleet.hostside.boot` reads on stdin: the program's source and its
+    arguments, as one length-prefixed JSON frame."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    body = json.dumps({"name": name, "source": source(module), "argv": list(args)}).encode()
+    return b"%d\n" % len(body) + body
+
+
 def python_command(host: Host, module: ModuleType, args: Sequence[str] = (), *,
                    project: str | None = None, unbuffered: bool = False,
-                   report_env_error: bool = False) -> str:
-    """``sh -c '<env prefix> exec PYTHON [-u] -c SOURCE ARGS…'`` for ``module`` on
-    ``host``; every argument quoted. See :func:`fabfleet.ssh.shell.in_env` for
-    ``project`` (whose venv) and ``report_env_error`` (the probe's mode: the activation's
-    error message is passed as the last argument)."""
-    flags = "-u " if unbuffered else ""
+                   report_env_error: bool = False) -> shell.Remote:
+    """The remote command that runs ``module`` on ``host`` inside the host's environment
+    (see :func:`fabfleet.ssh.shell.in_env` for ``project``, whose venv, and
+    ``report_env_error``, the probe's mode: the activation's error message is passed as
+    the last argument).
+
+    The command line holds only ``PYTHON -c BOOT`` (:mod:`fabfleet.hostside.boot`); the
+    program and ``args`` follow on stdin. A module with ``ISOLATED = True`` (standard
+    library only, nothing of the user's to import) runs with ``python -I``."""
+    flags = ("-I " if getattr(module, "ISOLATED", False) else "") + ("-u " if unbuffered else "")
     tail = ' "$fabfleet_env_err"' if report_env_error else ""  # the probe reports it
-    return shell.in_env(host, f"exec {shell.q(host.python)} {flags}-c {shell.q(source(module))} "
-                        + shell.join(args) + tail, project=project,
-                        report_env_error=report_env_error)
+    return shell.in_env(host, f"exec {shell.q(host.python)} {flags}-c {shell.q(source(boot))}"
+                        + tail, project=project, report_env_error=report_env_error,
+                        stdin=frame(module, args))
 
 
 def file_of(module: ModuleType) -> Path:

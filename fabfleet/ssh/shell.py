@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from ..config.inventory import Host
 from ..config.settings import layout
@@ -143,8 +144,37 @@ def workdir_guard(host: Host) -> str:
             f"-perm /022 2>/dev/null)\" ]; }}; then echo {said} >&2; exit 97; fi; ")
 
 
+@dataclass(frozen=True)
+class Remote:
+    """A remote command whose substance travels on stdin: ``command`` is the command line
+    every user of the host can read in ``/proc/PID/cmdline`` (nothing secret or large);
+    ``stdin`` is what it reads first (the rest of the channel's stdin is left to the
+    program). :func:`fabfleet.ssh.exec.execute` sends it."""
+    command: str
+    stdin: bytes = b""
+
+    def then(self, other: "Remote") -> "Remote":
+        """Both, one after the other, in one round trip (the first must read all of its
+        stdin: the probe does)."""
+        return Remote(f"{self.command} ; {other.command}", self.stdin + other.stdin)
+
+
+# Reads a shell script of N lines from stdin (the first line is N) and runs it. `read`
+# takes a pipe one byte at a time, so nothing after the script is consumed.
+_READER = ('fabfleet_n=; IFS= read -r fabfleet_n || { echo ' + q(f"{ERR} boot: no command on "
+           "stdin") + ' >&2; exit 95; }; fabfleet_s=; while [ "$fabfleet_n" -gt 0 ] 2>/dev/null; '
+           'do IFS= read -r fabfleet_l || exit 95; fabfleet_s="$fabfleet_s$fabfleet_l\n"; '
+           'fabfleet_n=$((fabfleet_n-1)); done; eval "$fabfleet_s"')
+
+
+def from_stdin(guard: str, script: str, then: bytes = b"") -> Remote:
+    """``sh -c 'GUARD READER'`` reading ``script`` (and leaving ``then`` for it) on stdin."""
+    text = script if script.endswith("\n") else script + "\n"
+    return Remote(sh(guard + _READER), f"{text.count(chr(10))}\n{text}".encode() + then)
+
+
 def in_env(host: Host, script: str, *, project: str | None = None, activate: bool = True,
-           report_env_error: bool = False) -> str:
+           report_env_error: bool = False, stdin: bytes = b"") -> Remote:
     """The whole remote command for ``script`` (POSIX sh) inside the host's environment:
     ``env`` vars exported, ``setup:`` lines run, the venv/conda env activated (see
     :func:`run_activation`; not with ``activate=False``), the interpreter checked.
@@ -157,7 +187,13 @@ def in_env(host: Host, script: str, *, project: str | None = None, activate: boo
     a setup line fails or the env does not activate, and 127 (``fabfleet-error:
     python``) when the interpreter is missing. With ``report_env_error`` (the
     environment probe), a failed setup or activation does not stop the command: its
-    message is left in ``$fabfleet_env_err`` for the program to report."""
+    message is left in ``$fabfleet_env_err`` for the program to report.
+
+    Only the work-dir guard and a reader are on the command line: the script itself,
+    with the ``env`` values, comes on stdin (followed by ``stdin``), so other users of
+    the host never see a secret in ``/proc/PID/cmdline``. With ``shell: login`` the
+    values reach the login shell in its environment (private to the user), not its
+    argv."""
     act = (run_activation(host, project) if activate else "") or "true"
     py = q(host.python)
     first = ""
@@ -175,13 +211,17 @@ def in_env(host: Host, script: str, *, project: str | None = None, activate: boo
              f"{q(f'{ERR} python: {host.python} not found on this host')} >&2; exit 127; }}; ")
     setup = _setup(host, report_env_error)
     if host.shell != "login":
-        return sh(guard + first + exports(host.env) + setup + activation_part + check + script)
+        return from_stdin(guard, first + exports(host.env) + setup + activation_part + check
+                          + script, stdin)
     # The login shell runs the setup lines, then becomes sh (exec) with their environment.
-    inner = (first + exports(host.env) + setup
+    # The env values go to it in the environment (re-applied after its profile scripts).
+    inner = ('eval "$fabfleet_exports"; unset fabfleet_exports; ' + first + setup
              + ("export fabfleet_env_err fabfleet_t; " if report_env_error else "")
              + 'exec /bin/sh -c "$1"')
-    return sh(guard + f'exec "${{SHELL:-/bin/sh}}" -l -c {q(inner)} fabfleet-login '
-              + q(activation_part + check + script))
+    values = exports(host.env)
+    return from_stdin(guard, f"fabfleet_exports={q(values)}; " + values
+                      + f'export fabfleet_exports; exec "${{SHELL:-/bin/sh}}" -l -c {q(inner)} '
+                      + "fabfleet-login " + q(activation_part + check + script), stdin)
 
 
 def env_failure(host: Host, stderr: str) -> str:
