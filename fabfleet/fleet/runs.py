@@ -4,6 +4,7 @@ every host's output locally as it arrives; Ctrl-C stops them all."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
             rel = None  # excluded from the push (.gitignore, --exclude): it travels alone
     run_cwd = relative_inside(cwd, root) or ""
     run_id = new_run_id()
+    cancel = threading.Event()  # Ctrl-C: hosts still pushing never start the script
 
     def one(host: Host) -> RunResult:
         logs = {}
@@ -90,7 +92,8 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
                 return run_script(c, script, args, project=name, script_in_project=rel,
                                   cwd=run_cwd, run_id=run_id,
                                   on_stdout=sink("stdout"), on_stderr=sink("stderr"),
-                                  timeout=timeout, keep_children=keep_children)
+                                  timeout=timeout, keep_children=keep_children,
+                                  cancelled=cancel)
         finally:
             for f in logs.values():
                 f.close()
@@ -98,5 +101,6 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
     try:
         return fan_out(hosts, one, max_workers=max_parallel)
     except KeyboardInterrupt:
+        cancel.set()
         stopped = stop_active_runs()
         raise RunInterrupted(run_id, stopped) from None

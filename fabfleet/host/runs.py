@@ -69,7 +69,8 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
                cwd: str = "", run_id: str | None = None,
                on_stdout: Callable[[bytes], None] | None = None,
                on_stderr: Callable[[bytes], None] | None = None,
-               timeout: float | None = None, keep_children: bool = False) -> RunResult:
+               timeout: float | None = None, keep_children: bool = False,
+               cancelled: threading.Event | None = None) -> RunResult:
     """Run a Python script on the host with its Python, env and ``env`` vars.
 
     The script runs in ``<work_dir>/<project>/<cwd>`` (``project`` defaults to the local
@@ -78,7 +79,8 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     sent with the run. Output reaches ``on_stdout``/``on_stderr`` as it is produced; the
     exit code is returned, not raised. ``timeout`` stops the script's whole process group
     on the host (exit code 124, ``.stopped == "timeout"``); processes the script leaves
-    behind are stopped when it exits unless ``keep_children``.
+    behind are stopped when it exits unless ``keep_children``. Once ``cancelled`` is set
+    (Ctrl-C during a fan-out), the run is refused instead of started.
     """
     host: Host = c.fleet_host
     script = Path(script)
@@ -93,7 +95,10 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     stderr = RunnerStderr(on_stderr)
     key = (host.name, run_dir)
     with host_slots(host):
-        with _active_lock:
+        with _active_lock:  # under the lock Ctrl-C's stop_active_runs takes: no gap
+            if cancelled is not None and cancelled.is_set():
+                raise CommandError(host.name, f"{script.name} was not started: the run was "
+                                   "interrupted (Ctrl-C) first")
             _active[key] = c
         try:
             # The runner enforces `timeout` on the host; ours is only a backstop.
@@ -159,6 +164,10 @@ def stop_active_runs(grace: float = STOP_GRACE) -> list[str]:
             stopped.append(host)
         except FleetError:
             pass  # the host is gone: nothing left to stop there
+        finally:
+            # A run whose runner had not yet written its pid when the stop came: our side
+            # of its channel closing makes the runner stop it (see ClientWatch).
+            c.close()
     threads = [threading.Thread(target=stop, args=item, daemon=True) for item in active]
     for t in threads:
         t.start()

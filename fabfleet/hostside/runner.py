@@ -533,6 +533,9 @@ def main(spec):
         if run_dir is None:
             fail("cwd", "a detached job needs its run dir: " + "; ".join(notes))
         detach(spec, argv, cwd, env, run_dir, notes)
+    client = ClientWatch(float(spec["client_lost"])) if spec.get("client_lost") else None
+    if client is not None and client.gone.wait(0.01):
+        fail("cwd", "the client went away before the script started (%s)" % client.why)
     try:
         proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True, env=env)
@@ -548,7 +551,6 @@ def main(spec):
          "boot_id": boot_id(), "started": started, "runner_pid": os.getpid(),
          "runner_ticks": start_ticks(os.getpid()), "attached": True}), notes)
     stopped = [None]
-    client = ClientWatch(float(spec["client_lost"])) if spec.get("client_lost") else None
 
     def forward(signum, frame):
         stopped[0] = "signal"

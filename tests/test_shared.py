@@ -1,0 +1,190 @@
+"""Shared hosts and hostile inputs: what another user of the host can see, scripts too big
+for a command line, clients that die mid-run, followers that leave, many short jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import sh, user_cli, write
+
+from fabfleet import Inventory
+from fabfleet.host.jobs import Job
+
+pytestmark = pytest.mark.usefixtures("fresh_workers")
+
+
+def as_eve(fleet, name: str, command: str) -> str:
+    """``command``'s stdout as eve, the other user of lab host ``name``."""
+    return subprocess.run(["docker", "exec", "-u", "eve", fleet.container(name), "sh", "-c",
+                           command], capture_output=True, text=True, timeout=60).stdout
+
+
+def every_cmdline(fleet, name: str) -> str:
+    """Every process's command line on the host, as eve reads them in /proc."""
+    return as_eve(fleet, name, "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f "
+                  "2>/dev/null; echo; done")
+
+
+@pytest.mark.lab
+def test_no_secret_script_or_spec_on_any_command_line(fleet, tmp_path, monkeypatch):
+    """eve lists /proc/*/cmdline while an attached run, a detached job and a payload worker
+    of yours are active: no env: value, no inline script content, no run spec."""
+    monkeypatch.setenv("FABFLEET_SSH_CONFIG", str(fleet.lab_ssh_config))
+    secret = "hf_" + secrets.token_hex(12)
+    marker = "MARK" + secrets.token_hex(8)
+    text = fleet.lab_inventory.read_text().replace(
+        "    max_jobs: 12\n", f"    max_jobs: 12\n    env:\n      HF_TOKEN: {secret}\n", 1)
+    assert secret in text
+    inv_path = write(tmp_path / "inventory.yaml", text)
+    proj = tmp_path / "p"
+    write(proj / "pyproject.toml", "")
+    write(proj / "waits.py", f"""\
+        import os, sys, time
+        # {marker}
+        assert os.environ["HF_TOKEN"] == {secret!r}
+        print("up", flush=True)
+        time.sleep(float(sys.argv[1]))
+    """)
+    env = {"FABFLEET_SSH_CONFIG": str(fleet.lab_ssh_config)}
+    r = user_cli(fleet.bin, "run-remote", "-H", "stock", "waits.py", "--args", "20",
+                 "--detach", inventory=inv_path, cwd=proj, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    attached = subprocess.Popen(
+        [str(fleet.bin / "fabfleet"), "run-remote", "-H", "stock", "waits.py", "--args", "20",
+         "--no-push"], cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **env, "FABFLEET_INVENTORY": str(inv_path)})
+    try:
+        assert "up" in attached.stdout.readline()
+        inv = Inventory.load(inv_path)
+        from fabfleet import run_payload
+        assert run_payload(inv.connect("stock"),
+                           lambda: __import__("os").environ.get("HF_TOKEN")) == secret
+        seen = every_cmdline(fleet, "stock")
+        assert "waits.py" in seen  # eve does see the processes ...
+        for hidden in (secret, marker, '"run_id"', "script_b64", "def main"):
+            assert hidden not in seen, hidden  # ... but nothing of what they carry
+    finally:
+        attached.send_signal(signal.SIGINT)
+        attached.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("size_kb", [100, 250, 1024])
+def test_scripts_of_any_size_travel_alone(fleet, tmp_path, size_kb):
+    """A script outside any project, far bigger than a command line allows, runs."""
+    filler = "# " + "x" * 97 + "\n"
+    body = "import hashlib, sys\nprint('size', len(open(sys.argv[0], 'rb').read()))\n"
+    script = tmp_path / "scripts" / "big.py"
+    write(script, body + filler * (size_kb * 1024 // len(filler)))
+    proj = tmp_path / "proj"  # the script is not in the project: it travels alone
+    write(proj / "pyproject.toml", "")
+    r = fleet.cli("run-remote", "-H", "ws1", str(script), "--no-push",
+                  inventory=fleet.inventory_path, cwd=proj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"size {script.stat().st_size}" in r.stdout
+
+
+def remote_ps(fleet, host: str, pattern: str) -> list[str]:
+    out = sh(fleet, host, "ps -eo pid=,args=")
+    return [line for line in out.splitlines() if pattern in line and "ps -eo" not in line]
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_an_attached_run_ends_with_its_client(fleet, tmp_path, how):
+    """The client is killed mid-run: the host stops the script (and its children) within
+    the stop grace; no copy keeps running to race a re-run."""
+    tag = "orphan" + secrets.token_hex(4)
+    script = write(tmp_path / f"{tag}.py", """\
+        import subprocess, time
+        subprocess.Popen(["sleep", "301"])
+        print("up", flush=True)
+        time.sleep(300)
+    """)
+    proc = subprocess.Popen([str(fleet.bin / "fabfleet"), "run-remote", "-H", "ws1",
+                             str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FABFLEET_INVENTORY": str(fleet.inventory_path)})
+    assert proc.stdout.readline().strip() == "up", proc.stderr.read()
+    assert remote_ps(fleet, "ws1", tag)
+    proc.send_signal(how)
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 15
+    while remote_ps(fleet, "ws1", tag) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert remote_ps(fleet, "ws1", tag) == [] and remote_ps(fleet, "ws1", "sleep 301") == []
+
+
+def test_many_short_jobs_followed_to_their_exit_code(fleet, tmp_path):
+    """Thirty jobs that end while being followed: every follower gets the job's own exit
+    code (never `lost`)."""
+    proj = tmp_path / "shortjobs"
+    write(proj / "pyproject.toml", "")
+    write(proj / "quick.py", """\
+        import sys, time
+        time.sleep(float(sys.argv[1]))
+        print("done", flush=True)
+        sys.exit(int(sys.argv[2]))
+    """)
+    inv = fleet.inventory()
+    from fabfleet.host.jobs import start_job
+    from fabfleet.host.push import push
+    with inv.connect("ws1") as c:
+        push(c, proj, "~/fabfleet/shortjobs")
+        jobs = [start_job(c, proj / "quick.py", [f"{0.1 * (i % 10):.1f}", str(i % 7)],
+                          project="shortjobs", script_in_project="quick.py") for i in range(30)]
+    results: dict[int, dict] = {}
+
+    def follow(i: int, job: Job) -> None:
+        results[i] = job.logs(follow=True)
+    threads = [threading.Thread(target=follow, args=(i, j)) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 30
+    for i, report in results.items():
+        assert (report["status"], report["exit_code"]) == ("exited", i % 7), report
+        assert report["data"] == b"done\n"
+
+
+def test_a_follower_leaves_nothing_behind(fleet, tmp_path):
+    """Ctrl-C on `logs --follow` (or its connection dropping) ends the follower on the
+    host too, instead of polling until the job ends."""
+    proj = tmp_path / "follow"
+    write(proj / "pyproject.toml", "")
+    write(proj / "long.py", "import time\nprint('x', flush=True)\ntime.sleep(120)\n")
+    r = fleet.cli("run-remote", "-H", "ws3", "long.py", "--detach", "--json",
+                  inventory=fleet.inventory_path, cwd=proj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_id = json.loads(r.stdout)["hosts"]["ws3"]["run_id"]
+    boots = len(remote_ps(fleet, "ws3", "fabfleet-error: boot"))  # every host-side program
+    env = {**os.environ, "FABFLEET_INVENTORY": str(fleet.inventory_path)}
+    try:
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            proc = subprocess.Popen([str(fleet.bin / "fabfleet"), "logs", run_id, "-H", "ws3",
+                                     "--follow"], cwd=proj, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env)
+            assert proc.stdout.readline().strip() == "x"
+            assert len(remote_ps(fleet, "ws3", "fabfleet-error: boot")) == boots + 1
+            proc.send_signal(sig)
+            proc.communicate(timeout=30)
+            deadline = time.monotonic() + 10
+            while len(remote_ps(fleet, "ws3", "fabfleet-error: boot")) > boots \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(remote_ps(fleet, "ws3", "fabfleet-error: boot")) == boots, sig
+    finally:
+        fleet.cli("kill", run_id, "-H", "ws3", inventory=fleet.inventory_path, cwd=proj)
+
+
+def test_run_ids_that_are_paths_are_refused(fleet, tmp_path):
+    for bad in ("../../x", "/etc", "..", "a/b", "~"):
+        r = fleet.cli("logs", bad, "-H", "ws1", inventory=fleet.inventory_path, cwd=tmp_path)
+        assert r.returncode != 0 and "run id" in (r.stdout + r.stderr), (bad, r.stderr)
