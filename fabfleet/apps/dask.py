@@ -185,7 +185,8 @@ class DaskCluster:
     def start(self) -> DaskCluster:
         preflight(self.conns, self.project)
         if self.push:  # scheduler and workers run in the pushed project: its modules import
-            files = local_files(self.project_root)
+            files = local_files(self.project_root,
+                                never=[c.fleet_host.key_file for c in self.conns.values()])
             for c in self.conns.values():
                 push(c, self.project_root, layout(c.fleet_host, self.project)["project"],
                      files=files)

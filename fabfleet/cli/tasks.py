@@ -127,7 +127,7 @@ def push(c, selected, source=None, exclude=None, method="auto", max_parallel=Non
     max_parallel = number("max-parallel", max_parallel, int, 1) or 16
     proj = project(c)
     source = Path(source).resolve() if source else proj.root
-    files = local_files(source, exclude or [])
+    files = local_files(source, exclude or [], never=[h.key_file for h in selected])
     total = sum(f.size for f in files)
     bar = render.progress_bar(total, total > 8 * 1024 * 1024 and sys.stderr.isatty(),
                               names=[h.name for h in selected], transient=False)
@@ -142,10 +142,15 @@ def push(c, selected, source=None, exclude=None, method="auto", max_parallel=Non
     finally:
         if bar is not None:
             bar.stop()
-    _outcomes(results, f"push {source} ({len(files)} files, {render.size(total)})",
-              ["method", "files sent", "bytes sent", "remote dir"],
-              lambda r: [r.method, f"{r.files_sent}/{r.files_total}", render.size(r.bytes_sent),
-                         r.remote_dir])
+    try:
+        _outcomes(results, f"push {source} ({len(files)} files, {render.size(total)})",
+                  ["method", "files sent", "bytes sent", "remote dir"],
+                  lambda r: [r.method, f"{r.files_sent}/{r.files_total}",
+                             render.size(r.bytes_sent), r.remote_dir])
+    finally:
+        for name, r in results.succeeded.items():
+            for warning in r.warnings:
+                render.say(f"{name}: {warning}", mark="!")
 
 
 @hosts_task(iterable=["exclude"], help={
@@ -469,6 +474,8 @@ def gather(c, selected, patterns, dest=None, overwrite=False):
                  if g.status == "conflict"]
     refused = [f"{h}: {g.remote!r}" for h, files in results.succeeded.items() for g in files
                if g.status == "refused"]
+    unreadable = [f"{h}: {g.remote}" for h, files in results.succeeded.items() for g in files
+                  if g.status == "unreadable"]
     try:
         _outcomes(results, "gather", ["copied", "unchanged", "kept (differs)", "local dir"],
                   lambda files: [str(sum(g.status == "copied" for g in files)),
@@ -482,6 +489,9 @@ def gather(c, selected, patterns, dest=None, overwrite=False):
         for line in refused:
             render.say(f"{line}: refused, its name would land outside {dest}/<host>/ "
                        "(nothing was written)", mark="!")
+        for line in unreadable:
+            render.say(f"{line}: could not be read on the host (permission denied: another "
+                       "user's or root's?), not gathered", mark="!")
     if conflicts or refused:
         raise Exit(code=1)
 

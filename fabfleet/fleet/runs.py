@@ -51,7 +51,7 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
     rel = relative_inside(script, root) if project.pushable else None
     to_push = None
     if rel is not None and push_project:
-        to_push = local_files(root, excludes)
+        to_push = local_files(root, excludes, never=[h.key_file for h in hosts])
         size = sum(f.size for f in to_push)
         if not is_marked(root) and (len(to_push) > UNMARKED_MAX_FILES
                                     or size > UNMARKED_MAX_BYTES):

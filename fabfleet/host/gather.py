@@ -34,7 +34,8 @@ class GatheredFile:
     local: str
     size: int
     status: str  # "copied", "unchanged" (identical local copy), "conflict" (left alone),
-    #              "refused" (its name would land outside the destination)
+    #              "refused" (its name would land outside the destination), "unreadable"
+    #              (a file or directory on the host we may not read: left alone)
 
 
 def _glob_match(rel: str, pattern: str) -> bool:
@@ -66,11 +67,17 @@ def gather(c, remote_dir: str, patterns: Sequence[str], dest: str | os.PathLike[
     :class:`~fabfleet.errors.LocalError` naming the local path.
     """
     host = c.fleet_host.name
-    manifest = remote_manifest(c, remote_dir)
-    wanted = sorted(rel for rel, st in manifest.items() if st[0] != "link"
-                    and any(_glob_match(rel, p) for p in patterns))
+    denied: list[str] = []
+    manifest = remote_manifest(c, remote_dir, denied)
+    matching = sorted(rel for rel, st in manifest.items() if st[0] != "link"
+                      and any(_glob_match(rel, p) for p in patterns))
+    wanted = [rel for rel in matching if manifest[rel][0] != "unreadable"]
+    # What we may not read is named, not fatal: the rest is gathered.
+    skipped = [GatheredFile(rel, "", manifest[rel][1], "unreadable")
+               for rel in matching if manifest[rel][0] == "unreadable"]
+    skipped += [GatheredFile(rel, "", 0, "unreadable") for rel in denied]
     if not wanted:
-        return []
+        return skipped
     root = Path(dest)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +85,7 @@ def gather(c, remote_dir: str, patterns: Sequence[str], dest: str | os.PathLike[
     except OSError as exc:
         raise LocalError(f"{dest}: cannot create the gather directory: "
                          f"{exc.strerror or exc}") from None
-    out, safe = [], []
+    out, safe = list(skipped), []
     for rel in wanted:
         local = contained(root, rel)
         if local is None:

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import subprocess
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from ..ssh import shell
 from ..ssh.connect import sftp_client, sftp_makedirs, ssh_command_for
 from ..ssh.exec import execute, send_all
 from ..ssh.liveness import watched
-from .files import FIND_LISTING, LocalFile, Progress, local_files, parse_find_listing, sftp_manifest
+from .files import (FIND_LISTING, LocalFile, Progress, local_files, parse_find_listing,
+                    sftp_manifest, unreadable_entries, unreadable_warning)
 
 # -- push ------------------------------------------------------------------------------
 METHODS = ("auto", "rsync", "tar", "sftp")
@@ -42,17 +44,20 @@ class PushResult:
     files_total: int
     remote_dir: str
     seconds: float = 0.0
+    #: what could not be read on the host (left as it was), and what was replaced
+    warnings: tuple[str, ...] = ()
 
 
-def _remote_state(c, remote_dir: str) -> tuple[set[str], dict[str, tuple]]:
+def _remote_state(c, remote_dir: str) -> tuple[set[str], dict[str, tuple], list[str]]:
     """One round trip: create ``remote_dir``, say which of rsync and tar the host has,
-    and list what is already there (see :func:`remote_manifest`)."""
+    and list what is already there (see :func:`remote_manifest`); entries that could not
+    be read (another user's, root's) come back as warnings naming them."""
     d = shell.path(remote_dir)
-    cmd = shell.sh(f"umask 077 && mkdir -p -- {d} && cd -- {d} || exit 1; "
+    cmd = shell.sh(f"umask 077 && mkdir -p -- {d} && cd -- {d} || exit 4; "
                    "for t in rsync tar; do command -v $t >/dev/null 2>&1 && printf '%s ' $t; "
-                   f"done; echo; {FIND_LISTING} || exit 3")
+                   f"done; echo; {FIND_LISTING}")
     result = execute(c, cmd, timeout=TREE_COMMAND, action=f"list files in {remote_dir}")
-    if result.exit_code == 1:
+    if result.exit_code == 4:
         full = "No space left" in result.stderr
         raise TransferError(c.fleet_host.name, f"could not create {remote_dir}: "
                             f"{result.stderr.strip() or result.stdout.strip()}. "
@@ -60,9 +65,38 @@ def _remote_state(c, remote_dir: str) -> tuple[set[str], dict[str, tuple]]:
                                "in the inventory is writable for the user."))
     first, _, listing = result.stdout_bytes.partition(b"\n")
     tools = set(first.decode(errors="replace").split())
-    if result.exit_code != 0:
-        return tools, sftp_manifest(c, remote_dir)
-    return tools, parse_find_listing(listing)
+    denied = unreadable_entries(result.stderr)
+    manifest = parse_find_listing(listing)
+    if result.exit_code != 0 and denied is None:  # no find -printf: SFTP
+        denied = []
+        manifest = sftp_manifest(c, remote_dir, denied)
+    return tools, manifest, [unreadable_warning(remote_dir, denied)] if denied else []
+
+
+def in_the_way(files: Sequence[LocalFile], manifest: dict[str, tuple]) -> list[str]:
+    """Remote files or symlinks where the local tree has a directory (pure): they are
+    replaced, as rsync does — never written through (a link's target lies outside the
+    project)."""
+    parents = {rel for f in files for rel in _parents(f.rel)}
+    return sorted(p for p in parents if p in manifest)
+
+
+def _parents(rel: str) -> list[str]:
+    parts = rel.split("/")[:-1]
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _replace(c, remote_dir: str, paths: list[str]) -> str:
+    """Remove the files or links in the way of local directories; the warning."""
+    cmd = shell.sh(f"cd -- {shell.path(remote_dir)} && rm -f -- "
+                   + " ".join(shell.q("./" + p) for p in paths))
+    done = execute(c, cmd, timeout=TREE_COMMAND, action=f"replace links in {remote_dir}")
+    if done.exit_code != 0:
+        raise TransferError(c.fleet_host.name, f"could not remove {', '.join(paths[:5])} in "
+                            f"{remote_dir} (a file or link where the project has a directory):"
+                            f" {done.stderr.strip()[-300:]}. Nothing was pushed.")
+    return (f"replaced {', '.join(paths[:5])}{' …' if len(paths) > 5 else ''} in {remote_dir}: "
+            "a file or symlink on the host where the project has a directory")
 
 
 def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
@@ -82,17 +116,22 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
         raise LocalError(f"push method {method!r}: expected {', '.join(METHODS[:-1])} or "
                          f"{METHODS[-1]}")
     started = time.monotonic()
-    files = list(files) if files is not None else local_files(local_dir, excludes)
-    tools, manifest = _remote_state(c, remote_dir)
+    files = list(files) if files is not None else \
+        local_files(local_dir, excludes, never=[c.fleet_host.key_file])
+    tools, manifest, warnings = _remote_state(c, remote_dir)
     if method == "auto":
         method = "rsync" if "rsync" in tools and shutil.which("rsync") is not None else \
             "tar" if "tar" in tools else "sftp"
     changed = [f for f in files if manifest.get(f.rel) != f.state()]
+    blocking = in_the_way(changed, manifest)
+    if blocking:
+        warnings.append(_replace(c, remote_dir, blocking))
     if not changed:
         result = PushResult(c.fleet_host.name, method, 0, 0, len(files), remote_dir)
     else:
         send = {"rsync": _push_rsync, "tar": _push_tar, "sftp": _push_sftp}[method]
         result = send(c, Path(local_dir), remote_dir, changed, on_progress)
+    result.warnings = tuple(warnings)
     result.files_total = len(files)
     result.seconds = time.monotonic() - started
     return result
@@ -117,8 +156,18 @@ def _push_rsync(c, local: Path, remote_dir: str, files: list[LocalFile],
                                 stderr=subprocess.PIPE)
     except OSError as exc:
         raise LocalError(f"cannot run rsync: {exc}; install rsync or use --method sftp") from exc
-    proc.stdin.write(listing)
-    proc.stdin.close()
+    # stderr drained and stdin fed beside the stdout loop: a pipe's worth of rsync errors
+    # (or an rsync that exits before reading its file list) never blocks us.
+    errors = bytearray()
+    drain = threading.Thread(target=lambda: errors.extend(proc.stderr.read()), daemon=True)
+    drain.start()
+
+    def feed() -> None:
+        with contextlib.suppress(OSError):  # rsync ended early: its own message says why
+            proc.stdin.write(listing)
+            proc.stdin.close()
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
     stdout_lines = []
     buf = b""
     while True:
@@ -136,8 +185,10 @@ def _push_rsync(c, local: Path, remote_dir: str, files: list[LocalFile],
                     on_progress(int(parts[0].replace(",", "")), total)
                 except ValueError:
                     pass
-    stderr = proc.stderr.read().decode(errors="replace")
     code = proc.wait()
+    drain.join(10)
+    feeder.join(1)
+    stderr = errors.decode(errors="replace")
     if code != 0:
         raise TransferError(host, f"rsync to {target} exited {code}: {stderr.strip()[-800:]}. "
                             "Check that `ssh` to the host works with the same key, or push "
@@ -211,9 +262,14 @@ def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
         if code == -1:  # closed without an exit status: the connection went away
             raise EOFError("the connection closed before the push stream was unpacked")
     # Renamed into place only now; a failed stream leaves only temporary names (removed).
-    cleanup = (f"cd -- {d} && find . -name {shell.q(tag + '*')} -exec sh -c "
-               + shell.q(f'for f do b=${{f##*/}}; mv -fT -- "$f" "${{f%/*}}/${{b#{tag}}}"; done'
-                         if code == 0 else 'rm -f -- "$@"') + " sh {} +")
+    # Every rename counts (not only the last); whatever is left under a temporary name
+    # after a failure is removed.
+    pattern = shell.q(tag + "*")
+    rename = shell.q(f's=0; for f do b=${{f##*/}}; mv -fT -- "$f" "${{f%/*}}/${{b#{tag}}}" '
+                     '|| s=1; done; exit $s')
+    remove = f"find . -name {pattern} -exec rm -f -- {{}} +"
+    cleanup = (f"cd -- {d} && {{ find . -name {pattern} -exec sh -c {rename} sh {{}} + "
+               f"|| {{ {remove}; exit 1; }}; }}" if code == 0 else f"cd -- {d} && {remove}")
     done = execute(c, shell.sh(cleanup), timeout=TREE_COMMAND, action="put pushed files in place")
     if code != 0 or done.exit_code != 0:
         message = (err.decode("utf-8", "replace") or done.stderr).strip()[-800:]
@@ -263,7 +319,12 @@ def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
                                              f"{posixpath.basename(target)}"))
             if f.link is not None:
                 sftp.symlink(os.fsencode(f.link), tmp)
-                sftp.posix_rename(tmp, os.fsencode(target))
+                try:
+                    _rename(sftp, tmp, target, f.rel, host)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        sftp.remove(tmp)
+                    raise
                 continue
             base = done
 
@@ -275,7 +336,7 @@ def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
                     sftp.putfo(src, tmp, file_size=f.size, callback=cb, confirm=True)
                 sftp.chmod(tmp, f.mode & 0o700)
                 sftp.utime(tmp, (f.mtime, f.mtime))
-                sftp.posix_rename(tmp, os.fsencode(target))
+                _rename(sftp, tmp, target, f.rel, host)
             except BaseException:
                 with contextlib.suppress(Exception):
                     sftp.remove(tmp)
@@ -284,6 +345,20 @@ def _push_sftp(c, local: Path, remote_dir: str, files: list[LocalFile],
     if on_progress:
         on_progress(total, total)
     return PushResult(host, "sftp", len(changed), total, len(files), remote_dir)
+
+
+def _rename(sftp, tmp: bytes, target: str, rel: str, host: str) -> None:
+    """Put one pushed file in place; a refusal by the host (a directory of that name,
+    permissions) fails the push naming the file, not as a lost connection."""
+    try:
+        sftp.posix_rename(tmp, os.fsencode(target))
+    except OSError as exc:
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            raise
+        raise TransferError(host, f"could not put {rel} in place on the host ({exc}): is "
+                            "there a directory, or a file you may not replace, of that name? "
+                            "The files before it were pushed; nothing was half-written."
+                            ) from exc
 
 
 @contextlib.contextmanager
