@@ -50,7 +50,7 @@ _EXPORTS = {
     "check_env": "host.facts", "top_snapshot": "host.facts",
     "GatheredFile": "host.gather", "gather": "host.gather",
     "local_files": "host.files", "PushResult": "host.push", "push": "host.push",
-    "clean": "host.workdir", "setup_workdir": "host.workdir",
+    "clean": "host.jobs", "setup_workdir": "host.workdir",
     "RunResult": "host.runs", "run_script": "host.runs", "stop_active_runs": "host.runs",
     "Job": "host.jobs", "list_jobs": "host.jobs", "start_job": "host.jobs",
     "call_on_host": "host.pool", "close_workers": "host.pool",
@@ -99,13 +99,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .host.facts import check_env, top_snapshot
     from .host.files import local_files
     from .host.gather import GatheredFile, gather
-    from .host.jobs import Job, list_jobs, start_job
+    from .host.jobs import Job, clean, list_jobs, start_job
     from .host.payload import (RemoteFunction, call, dumps_call, load_payload_bytes, remote,
                                run_payload, save_payload)
     from .host.pool import call_on_host, close_workers
     from .host.push import PushResult, push
     from .host.runs import RunResult, run_script, stop_active_runs
-    from .host.workdir import clean, setup_workdir
+    from .host.workdir import setup_workdir
     from .ssh.connect import FleetConnection, connect
     from .ssh.output import PrefixedOutput
     from .ssh.tunnel import Tunnel

@@ -154,6 +154,15 @@ def user_cli(bin_dir: Path, *args: str, inventory: Path | None = None,
                           timeout=timeout, env=full_env, cwd=cwd or full_env["HOME"])
 
 
+def clone(path: Path, origin: str) -> Path:
+    """``path`` as a clone of the repository ``origin`` (a git origin is what makes two
+    copies of a project the same project on the hosts): made, ``git init``, origin set."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    subprocess.run(["git", "-C", str(path), "remote", "add", "origin", origin], check=True)
+    return path
+
+
 def write(path: Path, text: str) -> Path:
     """Write dedented ``text`` to ``path`` (parents made); the path."""
     import textwrap

@@ -285,7 +285,7 @@ def test_out_of_tree_symlink_content_never_reaches_the_host(fleet, tmp_path, hos
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET-CONTENT\n")
     secret.chmod(0o600)
-    proj = tmp_path / "proj"
+    proj = tmp_path / "symproj"
     proj.mkdir()
     (proj / "pyproject.toml").write_text("")
     (proj / "leak").symlink_to(secret)
@@ -293,7 +293,7 @@ def test_out_of_tree_symlink_content_never_reaches_the_host(fleet, tmp_path, hos
     (proj / "alias.txt").symlink_to("inside.txt")
     r = fleet.cli("push", "-H", host, inventory=fleet.inventory_path, cwd=proj)
     assert r.returncode == 0, r.stdout + r.stderr
-    out = sh(fleet, host, "cd ~/fabfleet/proj && readlink leak; readlink alias.txt; "
+    out = sh(fleet, host, "cd ~/fabfleet/symproj && readlink leak; readlink alias.txt; "
              "cat alias.txt; grep -rs TOP-SECRET ~ | wc -l")
     assert out.split("\n")[:4] == [str(secret), "inside.txt", "fine", "0"]
 

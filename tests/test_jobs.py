@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import sh, write
+from conftest import clone, sh, write
 
 from fabfleet.host.jobs import Job, list_jobs
 from fabfleet.ssh.tunnel import Tunnel
@@ -23,8 +23,7 @@ from fabfleet.ssh.tunnel import Tunnel
 
 @pytest.fixture
 def proj(tmp_path) -> Path:
-    p = tmp_path / "jobproj"
-    write(p / "pyproject.toml", "")
+    p = clone(tmp_path / "jobproj", "https://example.invalid/lab/jobproj.git")
     write(p / "ticks.py", """\
         import os, sys, time
         for i in range(int(sys.argv[1])):

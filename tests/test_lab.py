@@ -142,7 +142,7 @@ def test_many_targets_behind_one_stock_bastion(fleet, lab, tmp_path):
 def test_changed_or_unknown_bastion_key_is_refused_on_every_path(fleet, lab, tmp_path):
     bastion = f"[127.0.0.7]:{fleet.port('bastion')}"
     changed = keys("inner", as_name="inner.lab") + f"{bastion} {fake_key(tmp_path, 'rsa')}\n"
-    proj = tmp_path / "proj"
+    proj = tmp_path / "labproj1"
     write(proj / "pyproject.toml", "")
     write(proj / "t.py", "print('ran')\n")
     for text, words in ((changed, "the host key CHANGED"),
@@ -258,7 +258,7 @@ def test_a_module_outside_a_login_shell_is_explained(fleet, lab, tmp_path):
     err = report["hosts"]["inner"]["error"]
     assert "setup line failed: 'module load cuda'" in err or "module load cuda" in err, err
     assert "set `shell: login`" in err
-    proj = tmp_path / "p"
+    proj = tmp_path / "labproj2"
     write(proj / "pyproject.toml", "")
     write(proj / "show.py", SHOW)
     r = user_cli(fleet.bin, "run-remote", "-H", "inner", "show.py", inventory=Path(inv.path),
@@ -338,7 +338,7 @@ def test_key_flows_at_50ms_round_trip(fleet, tmp_path):
             for _ in range(5):
                 assert run_payload(c, abs, -2) == 2
             warm_trips = (time.monotonic() - t) / 5 / rtt
-        proj = tmp_path / "proj"
+        proj = tmp_path / "labproj3"
         write(proj / "pyproject.toml", "")
         for i in range(20):
             write(proj / f"mod{i}.py", f"X = {i}\n")
@@ -405,7 +405,7 @@ def test_a_work_dir_another_user_prepared_is_refused(fleet, lab, tmp_path):
         with pytest.raises(CommandError) as exc:
             run_payload(inv.connect("stock"), abs, -1)
         assert "is not yours alone" in str(exc.value)
-        proj = tmp_path / "p"
+        proj = tmp_path / "labproj4"
         write(proj / "pyproject.toml", "")
         write(proj / "t.py", "print('ran')\n")
         r = user_cli(fleet.bin, "run-remote", "-H", "stock", "t.py", "--no-push",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import fabfleet
+from conftest import clone
 from fabfleet import ConnectError, LocalError, connect
 from fabfleet.ssh.exec import execute
 
@@ -25,8 +26,7 @@ def project(tmp_path) -> Path:
     (p / "pkg").mkdir(parents=True)
     (p / "pkg" / "__pycache__").mkdir()
     (p / "pkg" / "__pycache__" / "x.pyc").write_bytes(b"\0")
-    (p / ".git").mkdir()
-    (p / ".git" / "HEAD").write_text("ref: x\n")
+    clone(p, "https://example.invalid/lab/proj.git")  # every test's copy: one project
     (p / ".gitignore").write_text("*.log\nbig/\n!keep.log\n")
     (p / "debug.log").write_text("no\n")
     (p / "keep.log").write_text("yes\n")

@@ -44,7 +44,7 @@ def test_no_secret_script_or_spec_on_any_command_line(fleet, tmp_path, monkeypat
         "    max_jobs: 12\n", f"    max_jobs: 12\n    env:\n      HF_TOKEN: {secret}\n", 1)
     assert secret in text
     inv_path = write(tmp_path / "inventory.yaml", text)
-    proj = tmp_path / "p"
+    proj = tmp_path / "secretive"
     write(proj / "pyproject.toml", "")
     write(proj / "waits.py", f"""\
         import os, sys, time
@@ -83,7 +83,7 @@ def test_scripts_of_any_size_travel_alone(fleet, tmp_path, size_kb):
     body = "import hashlib, sys\nprint('size', len(open(sys.argv[0], 'rb').read()))\n"
     script = tmp_path / "scripts" / "big.py"
     write(script, body + filler * (size_kb * 1024 // len(filler)))
-    proj = tmp_path / "proj"  # the script is not in the project: it travels alone
+    proj = tmp_path / f"bigscript{size_kb}"  # the script is not in it: it travels alone
     write(proj / "pyproject.toml", "")
     r = fleet.cli("run-remote", "-H", "ws1", str(script), "--no-push",
                   inventory=fleet.inventory_path, cwd=proj)
@@ -164,7 +164,7 @@ def test_a_follower_leaves_nothing_behind(fleet, tmp_path):
                   inventory=fleet.inventory_path, cwd=proj)
     assert r.returncode == 0, r.stdout + r.stderr
     run_id = json.loads(r.stdout)["hosts"]["ws3"]["run_id"]
-    boots = len(remote_ps(fleet, "ws3", "fabfleet-error: boot"))  # every host-side program
+    boots = len(remote_ps(fleet, "ws3", "fabfleet-runner"))  # runners: the job's
     env = {**os.environ, "FABFLEET_INVENTORY": str(fleet.inventory_path)}
     try:
         for sig in (signal.SIGINT, signal.SIGKILL):
@@ -172,14 +172,14 @@ def test_a_follower_leaves_nothing_behind(fleet, tmp_path):
                                      "--follow"], cwd=proj, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=env)
             assert proc.stdout.readline().strip() == "x"
-            assert len(remote_ps(fleet, "ws3", "fabfleet-error: boot")) == boots + 1
+            assert len(remote_ps(fleet, "ws3", "fabfleet-runner")) == boots + 1
             proc.send_signal(sig)
             proc.communicate(timeout=30)
             deadline = time.monotonic() + 10
-            while len(remote_ps(fleet, "ws3", "fabfleet-error: boot")) > boots \
+            while len(remote_ps(fleet, "ws3", "fabfleet-runner")) > boots \
                     and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert len(remote_ps(fleet, "ws3", "fabfleet-error: boot")) == boots, sig
+            assert len(remote_ps(fleet, "ws3", "fabfleet-runner")) == boots, sig
     finally:
         fleet.cli("kill", run_id, "-H", "ws3", inventory=fleet.inventory_path, cwd=proj)
 
@@ -188,3 +188,59 @@ def test_run_ids_that_are_paths_are_refused(fleet, tmp_path):
     for bad in ("../../x", "/etc", "..", "a/b", "~"):
         r = fleet.cli("logs", bad, "-H", "ws1", inventory=fleet.inventory_path, cwd=tmp_path)
         assert r.returncode != 0 and "run id" in (r.stdout + r.stderr), (bad, r.stderr)
+
+
+# -- clean and project identity ------------------------------------------------------------
+def test_two_projects_with_one_name_never_mix(fleet, tmp_path):
+    """~/a/exp and ~/b/exp (no git origin: the path identifies them): the second push is
+    refused before anything is written, clean --code from it keeps the first's code, and
+    `fabfleet.project` gives it a home of its own."""
+    a, b = tmp_path / "a" / "exp", tmp_path / "b" / "exp"
+    for p in (a, b):
+        write(p / "pyproject.toml", "")
+        write(p / "which.py", f"print({str(p)!r})\n")
+    sh(fleet, "ws3", "rm -rf ~/fabfleet/exp ~/fabfleet/exp-b ~/fabfleet/.runs/exp")
+    cli = lambda p, *args: fleet.cli(*args, inventory=fleet.inventory_path, cwd=p)  # noqa: E731
+    assert cli(a, "push", "-H", "ws3").returncode == 0
+    r = cli(b, "run-remote", "-H", "ws3", "which.py")
+    assert r.returncode != 0 and "holds another project of the same name" in r.stdout + r.stderr
+    assert str(a) in r.stdout + r.stderr and str(b) not in sh(fleet, "ws3",
+                                                              "cat ~/fabfleet/exp/which.py")
+    r = cli(b, "clean", "-H", "ws3", "--code")
+    assert "another project of the same name" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert sh(fleet, "ws3", "cat ~/fabfleet/exp/which.py").strip() == f"print({str(a)!r})"
+    write(b / "invoke.yaml", "fabfleet:\n  project: exp-b\n")
+    r = cli(b, "run-remote", "-H", "ws3", "which.py")
+    assert r.returncode == 0 and r.stdout.strip() == str(b), r.stdout + r.stderr
+    r = cli(a, "clean", "-H", "ws3", "--code")
+    assert r.returncode == 0 and sh(fleet, "ws3", "ls ~/fabfleet").split().count("exp") == 0
+
+
+def test_clean_keeps_running_jobs_and_what_it_did_not_make(fleet, tmp_path):
+    proj = tmp_path / "keeper"
+    write(proj / "pyproject.toml", "")
+    write(proj / "long.py", "import time\nprint('up', flush=True)\ntime.sleep(120)\n")
+    write(proj / "short.py", "print('done')\n")
+    cli = lambda *args: fleet.cli(*args, inventory=fleet.inventory_path, cwd=proj)  # noqa: E731
+    assert cli("run-remote", "-H", "ws3", "short.py").returncode == 0
+    r = cli("run-remote", "-H", "ws3", "long.py", "--detach", "--json")
+    run_id = json.loads(r.stdout)["hosts"]["ws3"]["run_id"]
+    r = cli("clean", "-H", "ws3", "--code")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and f"kept ~/fabfleet/.runs/keeper/{run_id}" not in out
+    assert run_id in out and "still running" in out and "jobs of this project" in out, out
+    listed = json.loads(cli("jobs", "-H", "ws3", "--json").stdout)
+    runs = listed["hosts"]["ws3"]["runs"]
+    assert [(j["run_id"], j["status"]) for j in runs] == [(run_id, "running")], runs
+    r = cli("clean", "-H", "ws3", "--code", "--force")
+    assert r.returncode == 0 and "! ws3: kept" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert remote_ps(fleet, "ws3", "long.py") == []
+    assert sh(fleet, "ws3", "ls ~/fabfleet").split().count("keeper") == 0
+    # a directory fabfleet did not make is never removed by clean --code
+    sh(fleet, "ws3", "mkdir -p ~/fabfleet/handmade && echo mine > ~/fabfleet/handmade/notes")
+    hand = tmp_path / "handmade"
+    write(hand / "pyproject.toml", "")
+    r = fleet.cli("clean", "-H", "ws3", "--code", inventory=fleet.inventory_path, cwd=hand)
+    assert "fabfleet did not create it" in r.stdout + r.stderr
+    assert sh(fleet, "ws3", "cat ~/fabfleet/handmade/notes").strip() == "mine"
+    sh(fleet, "ws3", "rm -rf ~/fabfleet/handmade")

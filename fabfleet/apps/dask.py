@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..config.deadlines import APP_START, QUICK_COMMAND
 from ..config.inventory import Host
-from ..config.settings import layout
+from ..config.settings import layout, project_identity
 from ..errors import (CommandError, ConnectError, FanOutError, HostError, LocalError,
                       host_errors)
 from ..host.files import local_files
@@ -187,9 +187,10 @@ class DaskCluster:
         if self.push:  # scheduler and workers run in the pushed project: its modules import
             files = local_files(self.project_root,
                                 never=[c.fleet_host.key_file for c in self.conns.values()])
+            identity = project_identity(self.project_root)
             for c in self.conns.values():
                 push(c, self.project_root, layout(c.fleet_host, self.project)["project"],
-                     files=files)
+                     files=files, identity=identity)
         tls_dirs = {name: "" for name in self.conns}
         if self.tls:
             self.credentials = cluster_credentials()

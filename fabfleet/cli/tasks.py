@@ -128,6 +128,7 @@ def push(c, selected, source=None, exclude=None, method="auto", max_parallel=Non
     proj = project(c)
     source = Path(source).resolve() if source else proj.root
     files = local_files(source, exclude or [], never=[h.key_file for h in selected])
+    identity = proj.identity()
     total = sum(f.size for f in files)
     bar = render.progress_bar(total, total > 8 * 1024 * 1024 and sys.stderr.isatty(),
                               names=[h.name for h in selected], transient=False)
@@ -136,7 +137,8 @@ def push(c, selected, source=None, exclude=None, method="auto", max_parallel=Non
         name = conn.fleet_host.name
         cb = None if bar is None else (lambda done, tot: bar.update(done, tot, name))
         return push_dir(conn, source, layout(conn.fleet_host, proj.name)["project"],
-                        method=method, on_progress=cb, files=files)
+                        method=method, on_progress=cb, files=files,
+                        identity=None if source != proj.root else identity)
     try:
         results = _per_host(selected, push_one, max_parallel=max_parallel)
     finally:
@@ -498,15 +500,25 @@ def gather(c, selected, patterns, dest=None, overwrite=False):
 
 @hosts_task(help={"code": "also remove this project's pushed code",
                   "venv": "also remove this project's venv (setup-workdir --requirements)",
-                  "all_projects": "remove the run dirs of every project, not just this one"})
-def clean(c, selected, code=False, venv=False, all_projects=False):
-    """Remove this project's run dirs on the hosts (with --code, its pushed code too)."""
-    from ..host.workdir import clean as clean_host
-    name = project(c).name
+                  "all_projects": "remove the run dirs of every project, not just this one",
+                  "force": "stop running jobs first, and remove code fabfleet did not mark "
+                           "as this project's"})
+def clean(c, selected, code=False, venv=False, all_projects=False, force=False):
+    """Remove this project's run dirs on the hosts (with --code, its pushed code too);
+    running jobs are kept unless --force."""
+    from ..host.jobs import clean as clean_host
+    proj = project(c)
+    identity = proj.identity()
     results = _per_host(selected, lambda conn: clean_host(
-        conn, name, code=code, venv=venv, all_projects=all_projects))
-    _outcomes(results, f"clean ({'all projects' if all_projects else name})", ["removed"],
-              lambda paths: [", ".join(paths)])
+        conn, proj.name, identity=identity, code=code, venv=venv,
+        all_projects=all_projects, force=force))
+    try:
+        _outcomes(results, f"clean ({'all projects' if all_projects else proj.name})",
+                  ["removed", "kept"], lambda r: [str(len(r["removed"])), str(len(r["kept"]))])
+    finally:
+        for name, report in results.succeeded.items():
+            for kept in report["kept"]:
+                render.say(f"{name}: kept {kept['path']}: {kept['why']}", mark="!")
 
 
 @hosts_task(help={"payload": "payload file made by fabfleet.save_payload(path, fn, *args)",

@@ -129,6 +129,11 @@ class Project:
     def pushable(self) -> bool:
         return not is_unmarked_home(self.root)
 
+    def identity(self) -> dict[str, str]:
+        """Which project this is, for the marker a push leaves on each host (see
+        :func:`project_identity`)."""
+        return project_identity(self.root)
+
     def inventory_setting(self) -> str | None:
         """``fabfleet.inventory`` as a path: relative ones are relative to the root."""
         configured = self.config.get("inventory")
@@ -136,6 +141,29 @@ class Project:
             return None
         path = os.path.expanduser(str(configured))
         return path if os.path.isabs(path) else str(self.root / path)
+
+
+def project_identity(root: str | os.PathLike[str]) -> dict[str, str]:
+    """``{"id": …, "from": …}`` for a project root: its git origin where it has one (so
+    every clone of one repository is the same project on a host), else this machine and
+    the root's path. ``id`` is a digest (an origin URL may carry a token); ``from`` is
+    what an error shows (credentials removed)."""
+    import hashlib
+    import socket
+    import subprocess
+    root = Path(root).resolve()
+    origin = ""
+    if (root / ".git").exists():
+        try:
+            origin = subprocess.run(["git", "-C", str(root), "config", "--get",
+                                     "remote.origin.url"], capture_output=True, text=True,
+                                    timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            origin = ""
+    label = re.sub(r"//[^/@]*@", "//", origin) if origin else \
+        f"{socket.gethostname()}:{root}"
+    key = f"git:{origin}" if origin else f"path:{socket.gethostname()}:{root}"
+    return {"id": hashlib.sha256(key.encode()).hexdigest()[:32], "from": label}
 
 
 _recent: dict[str, tuple[float, str]] = {}

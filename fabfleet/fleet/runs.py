@@ -64,6 +64,7 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
             rel = None  # excluded from the push (.gitignore, --exclude): it travels alone
     run_cwd = relative_inside(cwd, root) or ""
     run_id = new_run_id()
+    identity = project.identity() if to_push is not None else None
     cancel = threading.Event()  # Ctrl-C: hosts still pushing never start the script
 
     def one(host: Host) -> RunResult:
@@ -84,7 +85,8 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str], args: Sequen
         try:
             with connect(host) as c:
                 if to_push is not None:
-                    push(c, root, layout(host, name)["project"], files=to_push)
+                    push(c, root, layout(host, name)["project"], files=to_push,
+                         identity=identity)
                 if detach:
                     return start_job(c, script, args, project=name, script_in_project=rel,
                                      cwd=run_cwd, run_id=run_id, timeout=timeout,

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config.deadlines import CLIENT_LOST, HEARTBEAT, QUICK_COMMAND, RECONNECT_FOR
+from ..config.deadlines import (CLIENT_LOST, HEARTBEAT, QUICK_COMMAND, RECONNECT_FOR,
+                                STOP_GRACE, TREE_COMMAND)
 from ..config.inventory import Host
 from ..config.settings import layout
 from ..errors import CommandError, ConnectError, LocalError
@@ -169,6 +170,23 @@ def list_jobs(c, project: str | None = None) -> list[dict]:
     one round trip: run id, project, status, exit code, command, age, …"""
     spec = {"runs_root": layout(c.fleet_host, "")["all_runs"], "project": project}
     report, _ = _remote(c, "jobs", spec, action="list jobs")
+    return report
+
+
+def clean(c, project: str, *, identity: dict[str, str] | None = None, code: bool = False,
+          venv: bool = False, all_projects: bool = False, force: bool = False) -> dict:
+    """Remove ``project``'s run dirs on the host (every project's with
+    ``all_projects``); with ``code`` its pushed copy, with ``venv`` its venv. Running jobs
+    and their runs' dirs are kept (with ``force`` they are stopped first), and so are the
+    code and venv they run from; code another project of the same name pushed (its
+    marker is not ``identity``), or that fabfleet did not create, is kept unless
+    ``force``. One round trip; ``{"removed": [paths], "kept": [{"path", "why"}]}``."""
+    lay = layout(c.fleet_host, project)
+    spec = {"runs_root": lay["all_runs"], "project": None if all_projects else project,
+            "code_dir": lay["project"] if code else None,
+            "venv_dir": lay["venv"] if venv else None,
+            "identity": (identity or {}).get("id"), "force": force, "grace": STOP_GRACE}
+    report, _ = _remote(c, "clean", spec, action="clean the work dir", timeout=TREE_COMMAND)
     return report
 
 

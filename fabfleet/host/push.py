@@ -10,6 +10,7 @@ whole or not at all: under a temporary name unique to the transfer, renamed into
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import secrets
@@ -26,7 +27,9 @@ from ..config.deadlines import TREE_COMMAND, deadlines
 from ..errors import LocalError, TransferError, host_errors
 from ..ssh import shell
 from ..ssh.connect import sftp_client, sftp_makedirs, ssh_command_for
+from ..hostside.runner import MARKER
 from ..ssh.exec import execute, send_all
+from ..ssh.shell import Remote
 from ..ssh.liveness import watched
 from .files import (FIND_LISTING, LocalFile, Progress, local_files, parse_find_listing,
                     sftp_manifest, unreadable_entries, unreadable_warning)
@@ -48,12 +51,15 @@ class PushResult:
     warnings: tuple[str, ...] = ()
 
 
-def _remote_state(c, remote_dir: str) -> tuple[set[str], dict[str, tuple], list[str]]:
+def _remote_state(c, remote_dir: str
+                  ) -> tuple[dict | None, set[str], dict[str, tuple], list[str]]:
     """One round trip: create ``remote_dir``, say which of rsync and tar the host has,
     and list what is already there (see :func:`remote_manifest`); entries that could not
-    be read (another user's, root's) come back as warnings naming them."""
+    be read (another user's, root's) come back as warnings naming them. First of all, the
+    project marker found there (``None``: none)."""
     d = shell.path(remote_dir)
     cmd = shell.sh(f"umask 077 && mkdir -p -- {d} && cd -- {d} || exit 4; "
+                   f"head -c 4000 {MARKER} 2>/dev/null | tr -d '\\n'; echo; "
                    "for t in rsync tar; do command -v $t >/dev/null 2>&1 && printf '%s ' $t; "
                    f"done; echo; {FIND_LISTING}")
     result = execute(c, cmd, timeout=TREE_COMMAND, action=f"list files in {remote_dir}")
@@ -63,14 +69,46 @@ def _remote_state(c, remote_dir: str) -> tuple[set[str], dict[str, tuple], list[
                             f"{result.stderr.strip() or result.stdout.strip()}. "
                             + ("The host's disk is full." if full else "Check that `work_dir` "
                                "in the inventory is writable for the user."))
-    first, _, listing = result.stdout_bytes.partition(b"\n")
+    mark, _, rest = result.stdout_bytes.partition(b"\n")
+    first, _, listing = rest.partition(b"\n")
     tools = set(first.decode(errors="replace").split())
+    try:
+        marker = json.loads(mark) if mark.strip() else None
+    except ValueError:
+        marker = {"id": "?", "from": "an unreadable marker"}
     denied = unreadable_entries(result.stderr)
     manifest = parse_find_listing(listing)
     if result.exit_code != 0 and denied is None:  # no find -printf: SFTP
         denied = []
         manifest = sftp_manifest(c, remote_dir, denied)
-    return tools, manifest, [unreadable_warning(remote_dir, denied)] if denied else []
+    manifest.pop(MARKER, None)
+    return (marker if isinstance(marker, dict) else None, tools, manifest,
+            [unreadable_warning(remote_dir, denied)] if denied else [])
+
+
+def check_marker(host: str, remote_dir: str, marker: dict | None,
+                 identity: dict[str, str]) -> None:
+    """Refuse to push into a directory another project with the same name filled."""
+    if marker is None or marker.get("id") == identity["id"]:
+        return
+    raise TransferError(host, f"{remote_dir} holds another project of the same name (pushed "
+                        f"from {marker.get('from', 'elsewhere')}); this one is "
+                        f"{identity['from']}. Nothing was pushed. Give this project its own "
+                        "name on the hosts (`fabfleet: {project: NAME}` in its invoke.yaml), "
+                        "or, if it is the same project moved, remove the old copy first: "
+                        "`fabfleet clean --code --force`.")
+
+
+def _write_marker(c, remote_dir: str, identity: dict[str, str]) -> None:
+    """The marker that tells this project from others of its name (stdin, then renamed)."""
+    d = shell.path(remote_dir)
+    data = json.dumps({**identity, "at": time.time()}).encode()
+    done = execute(c, Remote(shell.sh(f"cd -- {d} && umask 077 && cat > {MARKER}.tmp && "
+                                      f"mv -f -- {MARKER}.tmp {MARKER}"), data),
+                   timeout=TREE_COMMAND, action=f"mark {remote_dir} as this project's")
+    if done.exit_code != 0:
+        raise TransferError(c.fleet_host.name, f"could not write {remote_dir}/{MARKER}: "
+                            f"{done.stderr.strip()[-300:]}")
 
 
 def in_the_way(files: Sequence[LocalFile], manifest: dict[str, tuple]) -> list[str]:
@@ -102,7 +140,8 @@ def _replace(c, remote_dir: str, paths: list[str]) -> str:
 def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
          excludes: Sequence[str] = (), method: str = "auto",
          on_progress: Progress | None = None,
-         files: Sequence[LocalFile] | None = None) -> PushResult:
+         files: Sequence[LocalFile] | None = None,
+         identity: dict[str, str] | None = None) -> PushResult:
     """Sync ``local_dir`` into ``remote_dir`` on the host; return what was sent.
 
     ``method`` is ``"auto"`` (rsync when both ends have it, else a tar stream when the
@@ -111,6 +150,10 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
     are not sent, so an unchanged tree costs that round trip alone. ``files`` is
     :func:`local_files`' answer when the caller already has it. Remote files not in the
     local tree are left alone (runs write results into the project).
+
+    ``identity`` (a project's, :func:`~fabfleet.config.settings.project_identity`): the
+    first push leaves it in ``remote_dir`` as a marker, and a push of another project
+    into the same directory is refused.
     """
     if method not in METHODS:
         raise LocalError(f"push method {method!r}: expected {', '.join(METHODS[:-1])} or "
@@ -118,7 +161,9 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
     started = time.monotonic()
     files = list(files) if files is not None else \
         local_files(local_dir, excludes, never=[c.fleet_host.key_file])
-    tools, manifest, warnings = _remote_state(c, remote_dir)
+    marker, tools, manifest, warnings = _remote_state(c, remote_dir)
+    if identity is not None:
+        check_marker(c.fleet_host.name, remote_dir, marker, identity)
     if method == "auto":
         method = "rsync" if "rsync" in tools and shutil.which("rsync") is not None else \
             "tar" if "tar" in tools else "sftp"
@@ -131,6 +176,8 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
     else:
         send = {"rsync": _push_rsync, "tar": _push_tar, "sftp": _push_sftp}[method]
         result = send(c, Path(local_dir), remote_dir, changed, on_progress)
+    if identity is not None and marker is None:
+        _write_marker(c, remote_dir, identity)
     result.warnings = tuple(warnings)
     result.files_total = len(files)
     result.seconds = time.monotonic() - started

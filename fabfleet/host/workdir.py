@@ -102,25 +102,6 @@ def setup_workdir(c, *, project: str | None = None,
     return report
 
 
-def clean(c, project: str, *, code: bool = False, venv: bool = False,
-          all_projects: bool = False) -> list[str]:
-    """Remove ``project``'s run dirs on the host (``<work_dir>/.runs/<project>``); with
-    ``code`` its pushed copy, with ``venv`` its venv, with ``all_projects`` the run dirs
-    of every project. Other projects' files are never touched otherwise. Returns the
-    remote paths removed."""
-    host: Host = c.fleet_host
-    lay = layout(host, project)
-    targets = [lay["all_runs"] if all_projects else lay["runs"]]
-    targets += [lay["project"]] if code else []
-    targets += [lay["venv"]] if venv else []
-    script = "rm -rf -- " + " ".join(shell.path(t) for t in targets)
-    result = execute(c, shell.sh(script), timeout=TREE_COMMAND, action="clean the work dir")
-    if result.exit_code != 0:
-        raise CommandError(host.name, f"clean failed: {result.stderr.strip()[-500:]}",
-                           exit_code=result.exit_code, stderr=result.stderr)
-    return targets
-
-
 @functools.lru_cache(maxsize=1)
 def _local_pip() -> tuple[str, bytes]:
     """``(version, zip app)`` of this machine's pip: a venv made without pip installs

@@ -1,6 +1,7 @@
 """The only program on a host's command line: it reads the real one from stdin.
 
-Run as ``python -c BOOT`` (see :mod:`fabfleet.ssh.launch`). Everything that could be
+Run as ``python -c BOOT fabfleet-NAME [ARG]`` (see :mod:`fabfleet.ssh.launch`; the label
+is for ``ps``, a further argument is passed on). Everything that could be
 large or secret — a host-side program's source, its arguments, an inline script, a
 spec — arrives on the channel's stdin as one frame, ``LENGTH\\n`` then ``LENGTH`` bytes
 of JSON ``{"name": …, "source": …, "argv": […]}``, so no other user of the host sees it
@@ -43,7 +44,7 @@ def _frame():
 
 if __name__ == "__main__":
     _program = _frame()
-    sys.argv = ["-c"] + _program["argv"] + sys.argv[1:]
+    sys.argv = ["-c"] + _program["argv"] + sys.argv[2:]  # [1] is the label `ps` shows
     _code = compile(_program["source"], "<fabfleet %s>" % _program["name"], "exec")
     del _program
     exec(_code)

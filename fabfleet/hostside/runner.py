@@ -374,6 +374,88 @@ def cmd_stop(spec):
     sys.stdout.write(REPORT + json.dumps({"stopped": stopped}) + "\n")
 
 
+MARKER = ".fabfleet-project"  # in a pushed project's dir: which local project it is
+
+
+def read_marker(code_dir):
+    data = read_json(os.path.join(code_dir, MARKER))
+    return data if isinstance(data, dict) else None
+
+
+def cmd_clean(spec):
+    """Remove run dirs (and, asked, a project's code and venv) — but never a running
+    job's (unless ``force``: then it is stopped first), never code another project with
+    the same name pushed, never a directory without fabfleet's marker (unless
+    ``force``). Reports what was removed and what was kept, and why."""
+    import shutil
+    root = os.path.abspath(os.path.expanduser(spec["runs_root"]))
+    force, grace = bool(spec.get("force")), float(spec.get("grace") or 2.0)
+    removed, kept = [], []
+    projects = [spec["project"]] if spec.get("project") else \
+        (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+    running = {}  # project -> running run ids left alone
+
+    def remove(path):
+        try:
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError as exc:
+            kept.append({"path": path, "why": "could not remove it: %s" % (exc.strerror or exc)})
+    for project in projects:
+        pdir = os.path.join(root, project)
+        if "/" in project or project in ("", ".", "..") or not os.path.isdir(pdir):
+            continue
+        for run_id in sorted(os.listdir(pdir)):
+            run_dir = os.path.join(pdir, run_id)
+            if not os.path.isdir(run_dir):
+                continue
+            state = job_status(run_dir)
+            if state["status"] == "running":
+                job = read_json(os.path.join(run_dir, "job.json")) or {}
+                if not force:
+                    running.setdefault(project, []).append(run_id)
+                    kept.append({"path": run_dir, "run_id": run_id,
+                                 "why": "still running (%s): `fabfleet kill %s`, or clean "
+                                        "--force to stop it first" % (state["command"], run_id)})
+                    continue
+                if job.get("pgid") and is_run_process(job["pgid"], run_id):
+                    write_atomic(os.path.join(run_dir, "killed"), json.dumps(
+                        {"signal": "SIGTERM", "at": time.time()}))
+                    signal_group(job["pgid"], signal.SIGTERM, grace)
+            remove(run_dir)
+        if project not in running:
+            try:
+                os.rmdir(pdir)
+            except OSError:
+                pass
+    if not spec.get("project"):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
+    for key in ("code_dir", "venv_dir"):
+        if not spec.get(key):
+            continue
+        path = os.path.abspath(os.path.expanduser(spec[key]))
+        if not os.path.exists(path):
+            continue
+        if running.get(spec.get("project")):
+            kept.append({"path": path, "why": "jobs of this project still run from it"})
+            continue
+        if key == "code_dir" and not force:
+            marker = read_marker(path)
+            if marker is None:
+                kept.append({"path": path, "why": "fabfleet did not create it (no %s "
+                             "marker): remove it by hand, or clean --code --force" % MARKER})
+                continue
+            if marker.get("id") != spec.get("identity"):
+                kept.append({"path": path, "why": "it holds another project of the same name "
+                             "(pushed from %s)" % marker.get("from", "elsewhere")})
+                continue
+        remove(path)
+    sys.stdout.write(REPORT + json.dumps({"removed": removed, "kept": kept}) + "\n")
+
+
 def cmd_logs(spec):
     """Output of a run from byte ``offset``; with ``follow``, until the run ends. The
     last line on stderr is the report: the run's status and exit code."""
@@ -623,7 +705,7 @@ def main(spec):
 
 
 COMMANDS = {"run": main, "jobs": cmd_jobs, "kill": cmd_kill, "logs": cmd_logs,
-            "stop": cmd_stop}
+            "stop": cmd_stop, "clean": cmd_clean}
 
 if __name__ == "__main__":
     if len(sys.argv) > 2:

@@ -46,13 +46,14 @@ def python_command(host: Host, module: ModuleType, args: Sequence[str] = (), *,
     ``report_env_error``, the probe's mode: the activation's error message is passed as
     the last argument).
 
-    The command line holds only ``PYTHON -c BOOT`` (:mod:`fabfleet.hostside.boot`); the
-    program and ``args`` follow on stdin. A module with ``ISOLATED = True`` (standard
+    The command line holds only ``PYTHON -c BOOT fabfleet-NAME`` (:mod:`fabfleet.hostside.boot`,
+    and a label for ``ps``); the program and ``args`` follow on stdin. A module with ``ISOLATED = True`` (standard
     library only, nothing of the user's to import) runs with ``python -I``."""
     flags = ("-I " if getattr(module, "ISOLATED", False) else "") + ("-u " if unbuffered else "")
     tail = ' "$fabfleet_env_err"' if report_env_error else ""  # the probe reports it
-    return shell.in_env(host, f"exec {shell.q(host.python)} {flags}-c {shell.q(source(boot))}"
-                        + tail, project=project, report_env_error=report_env_error,
+    label = "fabfleet-" + module.__name__.rsplit(".", 1)[-1]  # what `ps` shows: harmless
+    return shell.in_env(host, f"exec {shell.q(host.python)} {flags}-c {shell.q(source(boot))} "
+                        f"{label}{tail}", project=project, report_env_error=report_env_error,
                         stdin=frame(module, args))
 
 

@@ -8,6 +8,7 @@ launcher of host-side Python built on it is :mod:`fabfleet.ssh.launch`.
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -132,16 +133,24 @@ def _setup(host: Host, report: bool) -> str:
     return out
 
 
-def workdir_guard(host: Host) -> str:
-    """Shell that refuses (exit 97, ``fabfleet-error: workdir: …``) a work dir that exists
-    but is not the user's own, or that group or others can write — as OpenSSH's
-    StrictModes refuses such a home: whoever can write there could put an
-    ``activate`` script or a module in your runs' way. Runs before anything is sourced."""
-    wd = path(host.work_dir.rstrip("/") or "/")
-    said = q(f"{ERR} workdir: {host.work_dir} is not yours alone (owned by another user, or "
-             "writable by group or others)")
-    return (f"if [ -e {wd} ] && {{ [ ! -O {wd} ] || [ -n \"$(find {wd} -maxdepth 0 "
-            f"-perm /022 2>/dev/null)\" ]; }}; then echo {said} >&2; exit 97; fi; ")
+def workdir_guard(host: Host, project: str | None = None) -> str:
+    """Shell that refuses (exit 97, ``fabfleet-error: workdir: …``) a work dir — or, with
+    ``project``, one of that project's dirs (code, runs, venv) — that exists but is not
+    the user's own, or that group or others can write, as OpenSSH's StrictModes refuses
+    such a home: whoever can write there could put an ``activate`` script or a module in
+    your runs' way. Runs before anything is sourced."""
+    wd = host.work_dir.rstrip("/") or "/"
+    paths = [wd]
+    if project:
+        lay = layout(host, project)
+        paths += [lay["project"], posixpath.dirname(lay["runs"]), lay["runs"],
+                  posixpath.dirname(lay["venv"]), lay["venv"]]
+    said = q(f"{ERR} workdir: ") + '"$fabfleet_bad"' + q(
+        " is not yours alone (owned by another user, or writable by group or others)")
+    return ('fabfleet_bad=$(find ' + " ".join(path(p) for p in paths)
+            + ' -maxdepth 0 \\( ! -user "$(id -un)" -o -perm -020 -o -perm -002 \\) -print '
+            "2>/dev/null | head -n 1); "
+            f'if [ -n "$fabfleet_bad" ]; then echo {said} >&2; exit 97; fi; ')
 
 
 @dataclass(frozen=True)
@@ -197,7 +206,7 @@ def in_env(host: Host, script: str, *, project: str | None = None, activate: boo
     act = (run_activation(host, project) if activate else "") or "true"
     py = q(host.python)
     first = ""
-    guard = workdir_guard(host)
+    guard = workdir_guard(host, project)
     if report_env_error:
         first = 'fabfleet_env_err=; fabfleet_t=$(mktemp) || fabfleet_t=/dev/null; '
         # Activate in this shell (a subshell would not keep it); keep its stderr.
