@@ -244,3 +244,47 @@ def test_clean_keeps_running_jobs_and_what_it_did_not_make(fleet, tmp_path):
     assert "fabfleet did not create it" in r.stdout + r.stderr
     assert sh(fleet, "ws3", "cat ~/fabfleet/handmade/notes").strip() == "mine"
     sh(fleet, "ws3", "rm -rf ~/fabfleet/handmade")
+
+
+def test_ctrl_c_while_hosts_are_still_pushing_starts_nothing_after_it(fleet, tmp_path):
+    """Ctrl-C (KeyboardInterrupt, as in a notebook: the process lives on) during a
+    multi-host run whose pushes are under way: no host starts the script after it."""
+    from fabfleet import RunInterrupted
+    from fabfleet.fleet.runs import run_many
+    tag = "late" + secrets.token_hex(4)
+    proj = tmp_path / tag
+    write(proj / "pyproject.toml", "")
+    write(proj / "start.py", f"""\
+        import os, time
+        open(os.path.expanduser("~/{tag}.started"), "w").write(repr(time.time()))
+        time.sleep(60)
+    """)
+    (proj / "data.bin").write_bytes(os.urandom(150 * 1024 * 1024))
+    names = ("ws1", "ws2", "ws3")
+    when: list[float] = []
+
+    def interrupt_once_pushing() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                "data.bin" in sh(fleet, h, f"ls -a ~/fabfleet/{tag} 2>/dev/null || true")
+                for h in names):
+            time.sleep(0.05)
+        when.append(time.time())
+        os.kill(os.getpid(), signal.SIGINT)  # as the terminal's Ctrl-C does
+    threading.Thread(target=interrupt_once_pushing, daemon=True).start()
+    inv = fleet.inventory()
+    try:
+        with pytest.raises(RunInterrupted):
+            run_many([inv[h] for h in names], proj / "start.py", cwd=proj)
+        time.sleep(8)  # a host that was still pushing would have started by now
+        started = {h: sh(fleet, h, f"cat ~/{tag}.started 2>/dev/null || true").strip()
+                   for h in names}
+        # (a script started just before the interrupt may record its time a moment after)
+        late = {h: t for h, t in started.items() if t and float(t) > when[0] + 0.5}
+        assert late == {}, (late, when)
+        assert sum(bool(t) for t in started.values()) < 3, "every push ended before Ctrl-C"
+        for h in names:
+            assert remote_ps(fleet, h, "start.py") == []
+    finally:
+        for h in names:
+            sh(fleet, h, f"rm -rf ~/fabfleet/{tag} ~/{tag}.started")
