@@ -24,7 +24,7 @@ from invoke import Collection, Exit, Task, task
 #: One letter, one meaning, in every task (Invoke would otherwise pick first letters:
 #: ``-h`` for --host, hiding --help, and ``-p`` for four different flags).
 SHORT_FLAGS = {"host": "H", "group": "g", "all": "a", "json": "j", "exclude": "x",
-               "timeout": "t"}
+               "timeout": "t", "module": "m"}
 HELP_WORDS = ("--help", "-h")
 SELECT_HELP = {
     "host": "host names or shell-style globs, comma-separated (ws1,gpu*)",
@@ -94,6 +94,31 @@ def hosts_task(*args, help: dict | None = None, **kwargs):  # noqa: A002 - Invok
         body.__signature__ = inspect.Signature([params[0], *positional, *select, *optional])
         return fleet_task(*args, help={**SELECT_HELP, **(help or {})}, **kwargs)(body)
     return decorate
+
+
+# -- the command after `--` ------------------------------------------------------------
+_raw: list[str] = []
+
+
+def set_raw_command(argv: list[str]) -> list[str]:
+    """Keep the words after the first ``--`` of ``argv`` exactly as given (Invoke joins
+    them into one string, its ``remainder``, which would split ``'a b'``); ``argv``
+    without them. Fabric's form ``fabfleet -H ws1 -- CMD`` (no task) means ``run``."""
+    _raw[:] = []
+    if "--" not in argv:
+        return argv
+    cut = argv.index("--")
+    _raw.extend(argv[cut + 1:])
+    head = argv[:cut]
+    if len(head) > 1 and head[1].split("=")[0] in ("-H", "--host", "-g", "--group", "-a",
+                                                    "--all"):
+        head = [head[0], "run", *head[1:]]
+    return head + ["--"]
+
+
+def raw_command() -> list[str]:
+    """The words after ``--`` on the command line (see :func:`set_raw_command`)."""
+    return list(_raw)
 
 
 # -- flag values -----------------------------------------------------------------------

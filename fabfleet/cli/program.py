@@ -13,11 +13,18 @@ from invoke import Program
 
 from .. import __version__
 from ..config.settings import find_project
+from .options import set_raw_command
 from .tasks import ns
 
 
 class FleetProgram(Program):
     """Invoke's Program with the project's ``invoke.yaml`` loaded as project config."""
+
+    def run(self, argv=None, exit: bool = True):  # noqa: A002 - Invoke's signature
+        import sys
+        argv = list(sys.argv if argv is None else (argv.split() if isinstance(argv, str)
+                                                   else argv))
+        return super().run(set_raw_command(argv), exit=exit)
 
     def parse_collection(self) -> None:
         super().parse_collection()

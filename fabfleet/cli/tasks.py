@@ -155,43 +155,87 @@ def push(c, selected, source=None, exclude=None, method="auto", max_parallel=Non
                 render.say(f"{name}: {warning}", mark="!")
 
 
-@hosts_task(iterable=["exclude"], help={
-    "script": "local Python script to run",
-    "args": "arguments for the script, split like a shell would ('--epochs 3 --name \"a b\"')",
+_RUN_HELP = {
     "no_push": "do not push the project first; run what the last push left on the hosts",
     "exclude": "extra pattern the project push leaves out, .gitignore syntax (repeatable)",
     "max_parallel": "hosts running at once (default 32; each host also honours its max_jobs)",
-    "timeout": "seconds before the script's whole process group is stopped on the host "
+    "timeout": "seconds before its whole process group is stopped on the host "
                "(exit code 124; default: none)",
-    "keep_children": "leave processes the script started running after it exits "
+    "keep_children": "leave processes it started running after it exits "
                      "(default: stop them)",
     "detach": "start it as a job that outlives this connection; print each host's run id "
               "and return (see jobs, logs, kill)",
-    "json": "with --detach: print one JSON object of run ids"})
-def run_remote(c, selected, script, args="", no_push=False, exclude=None, max_parallel=None,
-               timeout=None, keep_children=False, detach=False, json_=False):
-    """Run a Python script on the hosts from the synced project, output streamed live."""
-    from ..errors import CommandError, RunInterrupted
-    from ..fleet.runs import run_many
-    from ..ssh.output import PrefixedOutput
-    if not os.path.isfile(script):
+    "json": "with --detach: print one JSON object of run ids",
+    "gang": "start every host together; when one fails (non-zero exit, lost), stop the "
+            "others (distributed training)",
+}
+
+
+@hosts_task(iterable=["exclude"], help={
+    "script": "local script to run: Python, or any with a #! line (#!/bin/bash …)",
+    "module": "SCRIPT is a module of the project: run it with the host's Python, as "
+              "python -m SCRIPT (fabfleet run-remote -H ws1 -m pkg.train)",
+    "args": "arguments for the script, split like a shell would ('--epochs 3 --name \"a b\"')",
+    **_RUN_HELP})
+def run_remote(c, selected, script, module=False, args="", no_push=False, exclude=None,
+               max_parallel=None, timeout=None, keep_children=False, detach=False,
+               json_=False, gang=False):
+    """Run a script (or -m MODULE) on the hosts from the synced project, output live."""
+    if module:
+        script, module = None, script
+        if not all(part.isidentifier() for part in module.split(".")):
+            raise Exit(f"fabfleet: -m {module!r}: not a module name (pkg.train)", 2)
+    elif not os.path.isfile(script):
         raise Exit(f"fabfleet: {script}: script not found (nothing was sent to any host)", 2)
-    timeout = number("timeout", timeout)
-    max_parallel = number("max-parallel", max_parallel, int, 1) or 32
+    module = module or None
     try:
         argv = shlex.split(args)
     except ValueError as exc:
         raise Exit(f"fabfleet: --args {args!r}: {exc}", 2) from None
+    label = script if script else f"-m {module}"
+    _run(c, selected, label, dict(script=script, args=argv, module=module), no_push=no_push,
+         exclude=exclude, max_parallel=max_parallel, timeout=timeout,
+         keep_children=keep_children, detach=detach, json_=json_, gang=gang)
+
+
+@hosts_task(name="run", iterable=["exclude"], help={
+    "shell": "one string for the host's sh -c instead of the words after -- "
+             "(pipes, globs, &&)", **_RUN_HELP})
+def run_command(c, selected, shell=None, no_push=False, exclude=None, max_parallel=None,
+                timeout=None, keep_children=False, detach=False, json_=False, gang=False):
+    """Run a command on the hosts: fabfleet run -H HOSTS -- COMMAND [ARG…] (or --shell)."""
+    from ..host.runspec import command_vector
+    from .options import raw_command
+    words = raw_command()
+    if bool(words) == bool(shell):
+        raise Exit("fabfleet: give the command after --, as words (fabfleet run -H ws1 -- "
+                   "nvidia-smi -L), or one string with --shell (not both)", 2)
+    vector = command_vector(shell if shell else words, bool(shell))
+    label = shell if shell else shlex.join(words)
+    _run(c, selected, label, dict(command=vector), no_push=no_push, exclude=exclude,
+         max_parallel=max_parallel, timeout=timeout, keep_children=keep_children,
+         detach=detach, json_=json_, gang=gang)
+
+
+def _run(c, selected, label, what, *, no_push, exclude, max_parallel, timeout,
+         keep_children, detach, json_, gang) -> None:
+    """run-remote and run: the runs over the hosts, their output, the summary and the
+    exit code (one host: its own)."""
+    from ..errors import CommandError, RunInterrupted
+    from ..fleet.runs import run_many
+    from ..ssh.output import PrefixedOutput
+    timeout = number("timeout", timeout)
+    max_parallel = number("max-parallel", max_parallel, int, 1) or 32
     proj = project(c)
     common = dict(project=proj, cwd=os.getcwd(), push_project=not no_push,
                   excludes=exclude or [], max_parallel=max_parallel, timeout=timeout,
-                  keep_children=keep_children)
+                  keep_children=keep_children, gang=gang, **what)
     if detach:
-        return _detached(run_many(selected, script, argv, detach=True, **common), json_)
+        return _detached(run_many(selected, detach=True, **common), json_)
     printer = PrefixedOutput(prefix=len(selected) > 1)
     try:
-        results = run_many(selected, script, argv, on_output=printer,
-                           log_root=proj.root / "gathered", **common)
+        results = run_many(selected, on_output=printer, log_root=proj.root / "gathered",
+                           **common)
     except RunInterrupted as exc:
         printer.flush()
         raise Exit(f"fabfleet: {exc}", 130) from None
@@ -205,11 +249,11 @@ def run_remote(c, selected, script, args="", no_push=False, exclude=None, max_pa
             raise Exit(f"fabfleet: {o.error}", 255 if not isinstance(o.error, CommandError)
                        or o.error.exit_code is None else o.error.exit_code)
         if o.value.stopped == "timeout":
-            render.say(f"fabfleet: {name}: {script} was stopped after {timeout:g}s "
+            render.say(f"fabfleet: {name}: {label} was stopped after {timeout:g}s "
                        f"(--timeout) with its whole process group; exit code "
                        f"{o.value.exit_code} (run dir {o.value.run_dir})", err=True)
         elif o.value.exit_code != 0:
-            render.say(f"fabfleet: {name}: {script} exited {o.value.exit_code} "
+            render.say(f"fabfleet: {name}: {label} exited {o.value.exit_code} "
                        f"(run dir {o.value.run_dir})", err=True)
             if o.value.exit_code == 1 and "ModuleNotFoundError" in o.value.stderr_tail:
                 render.say("fabfleet: a module was not found on the host: if it is part of "
@@ -217,7 +261,8 @@ def run_remote(c, selected, script, args="", no_push=False, exclude=None, max_pa
                            "(.gitignore, --exclude); if it is a package, install it there "
                            "(setup-workdir --requirements).", err=True)
         raise Exit(code=o.value.exit_code)
-    failed = render.runs_table(f"run-remote {script}", results)
+    failed = render.runs_table(f"{'run' if 'command' in what else 'run-remote'} {label}",
+                               results)
     render.say(f"{len(results) - failed}/{len(results)} hosts ok; local copies of the "
                f"output: {proj.root / 'gathered'}/<host>/runs/", err=True)
     raise Exit(code=1 if failed else 0)
@@ -541,6 +586,7 @@ def run_pickle(c, selected, payload, out="gathered", max_parallel=None):
               lambda v: [repr(v)[:60]])
 
 
-ns = Collection(init, hosts, check_env, setup_workdir, push, run_remote, run_pickle, gather,
+ns = Collection(init, hosts, check_env, setup_workdir, push, run_remote, run_command,
+                run_pickle, gather,
                 clean, jobs, logs, kill, tunnel, jupyter, top, dask_up, dask_down)
 ns.configure({"fabfleet": {"inventory": None, "project": None}})

@@ -173,6 +173,13 @@ def list_jobs(c, project: str | None = None) -> list[dict]:
     return report
 
 
+def free_port(c) -> int:
+    """A TCP port free on the host behind ``c`` right now (the kernel's pick), for a
+    program launched across hosts to meet on (``FABFLEET_PORT``)."""
+    report, _ = _remote(c, "port", {}, action="find a free port")
+    return int(report["port"])
+
+
 def clean(c, project: str, *, identity: dict[str, str] | None = None, code: bool = False,
           venv: bool = False, all_projects: bool = False, force: bool = False) -> dict:
     """Remove ``project``'s run dirs on the host (every project's with
@@ -190,24 +197,31 @@ def clean(c, project: str, *, identity: dict[str, str] | None = None, code: bool
     return report
 
 
-def start_job(c, script: str | Path, args: Sequence[str] = (), *, project: str | None = None,
-              script_in_project: str | None = None, cwd: str = "", run_id: str | None = None,
-              timeout: float | None = None, keep_children: bool = False,
-              env_file: str | None = None, tag: str | None = None) -> Job:
-    """Start ``script`` as a detached job and return as soon as it runs (see the module
-    docstring). ``env_file``: a remote JSON file of environment variables the job gets
-    (read, then deleted: secrets never appear on a command line)."""
+def start_job(c, script: str | Path | None, args: Sequence[str] = (), *,
+              project: str | None = None, script_in_project: str | None = None,
+              cwd: str = "", run_id: str | None = None, timeout: float | None = None,
+              keep_children: bool = False, env_file: str | None = None,
+              tag: str | None = None, command: Sequence[str] | None = None,
+              module: str | None = None, env: dict[str, str] | None = None) -> Job:
+    """Start ``script`` (or a ``command`` vector, or ``module``: see
+    :func:`~fabfleet.host.runs.run_script`) as a detached job and return as soon as it
+    runs (see the module docstring). ``env_file``: a remote JSON file of environment
+    variables the job gets (read, then deleted: secrets never appear on a command
+    line)."""
     host: Host = c.fleet_host
-    spec, lay, run_id, run_dir, project = run_spec(c, Path(script), args, project=project,
+    script = Path(script) if script is not None else None
+    spec, lay, run_id, run_dir, project = run_spec(c, script, args, project=project,
                                                    script_in_project=script_in_project,
-                                                   cwd=cwd, run_id=run_id)
+                                                   cwd=cwd, run_id=run_id, command=command,
+                                                   module=module, env=env)
+    label = spec.get("display") or (f"-m {module}" if module else script.name)
     spec.update(detach=True, keep_children=keep_children, tag=tag)
     if timeout is not None:
         spec["timeout"] = timeout
     if env_file is not None:
         spec["env_file"] = env_file
     with host_slots(host):  # starting it counts against max_jobs, like a run or a call
-        report, _ = _remote(c, "run", spec, action=f"start {Path(script).name} as a job in "
+        report, _ = _remote(c, "run", spec, action=f"start {label} as a job in "
                             f"{lay['project']}", timeout=QUICK_COMMAND, project=project)
     return Job(host, run_id, report)
 

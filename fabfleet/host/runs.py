@@ -37,7 +37,7 @@ from ..ssh import shell
 from ..ssh.connect import connect
 from ..ssh.exec import execute
 from ..ssh.launch import python_command
-from .runspec import RunnerStderr, run_spec
+from .runspec import RunnerStderr, command_vector, run_spec
 from .slots import host_slots
 
 _ERR = shell.ERR
@@ -64,13 +64,25 @@ _active_lock = threading.Lock()
 _active: dict[tuple[str, str], object] = {}  # (host, run_dir) -> connection
 
 
-def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
+def run_command(c, command: str | Sequence[str], *, shell: bool = False,
+                **kwargs) -> RunResult:
+    """Run a command on the host as :func:`run_script` runs a script (same env, cwd,
+    output, timeout, stopping and result): ``command`` is an argument vector (each word
+    one argument, quoted for you; the program is looked up on the env's ``PATH``, exit
+    127 with a message when it is not there), or with ``shell=True`` one string for the
+    host's ``sh -c`` (pipes, globs, ``&&``)."""
+    return run_script(c, None, command=command_vector(command, shell), **kwargs)
+
+
+def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (), *,
                project: str | None = None, script_in_project: str | None = None,
                cwd: str = "", run_id: str | None = None,
                on_stdout: Callable[[bytes], None] | None = None,
                on_stderr: Callable[[bytes], None] | None = None,
                timeout: float | None = None, keep_children: bool = False,
-               cancelled: threading.Event | None = None) -> RunResult:
+               cancelled: threading.Event | None = None,
+               command: Sequence[str] | None = None, module: str | None = None,
+               env: dict[str, str] | None = None) -> RunResult:
     """Run a Python script on the host with its Python, env and ``env`` vars.
 
     The script runs in ``<work_dir>/<project>/<cwd>`` (``project`` defaults to the local
@@ -81,12 +93,19 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     on the host (exit code 124, ``.stopped == "timeout"``); processes the script leaves
     behind are stopped when it exits unless ``keep_children``. Once ``cancelled`` is set
     (Ctrl-C during a fan-out), the run is refused instead of started.
+
+    A script with a ``#!`` line runs with that interpreter (a Python one, or none: the
+    env's Python). Instead of a script: ``module`` runs ``python -m MODULE ARGS`` and
+    ``command`` a vector (see :func:`run_command`); ``env`` is added to its environment.
     """
     host: Host = c.fleet_host
-    script = Path(script)
+    script = Path(script) if script is not None else None
     spec, lay, run_id, run_dir, project = run_spec(c, script, args, project=project,
                                                    script_in_project=script_in_project,
-                                                   cwd=cwd, run_id=run_id)
+                                                   cwd=cwd, run_id=run_id, command=command,
+                                                   module=module, env=env)
+    label = (spec.get("display") if command is not None else f"-m {module}"
+             if module is not None else script.name)
     if timeout is not None:
         spec["timeout"] = timeout
     spec["keep_children"] = keep_children
@@ -97,14 +116,14 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
     with host_slots(host):
         with _active_lock:  # under the lock Ctrl-C's stop_active_runs takes: no gap
             if cancelled is not None and cancelled.is_set():
-                raise CommandError(host.name, f"{script.name} was not started: the run was "
+                raise CommandError(host.name, f"{label} was not started: the run was "
                                    "interrupted (Ctrl-C) first")
             _active[key] = c
         try:
             # The runner enforces `timeout` on the host; ours is only a backstop.
             result = execute(c, command, keep=False, on_stdout=on_stdout, on_stderr=stderr,
                              timeout=None if timeout is None else timeout + RUN_BACKSTOP,
-                             action=f"run {script.name} in {lay['project']}",
+                             action=f"run {label} in {lay['project']}",
                              heartbeat=HEARTBEAT)
         finally:
             with _active_lock:
@@ -117,6 +136,11 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
         raise CommandError(host.name, f"Python interpreter {host.python!r} was not found on "
                            "the host. Install Python 3 there, or set `python:` in the "
                            "inventory to its full path.", exit_code=code, stderr=stderr_tail)
+    if code == runner.COMMAND_MISSING and _ERR + " command:" in stderr_tail:
+        said = stderr_tail.split(_ERR + " command:", 1)[1].strip().splitlines()[0]
+        raise CommandError(host.name, f"{said.split(' (PATH=')[0]}. Install it there, add its "
+                           "directory to PATH (the inventory's `env:` or `setup:`), or give "
+                           "its full path.", exit_code=code, stderr=stderr_tail)
     if code == 97 and any(_ERR + w in stderr_tail for w in (" env", " setup", " workdir")):
         raise CommandError(host.name, shell.env_failure(host, stderr_tail), exit_code=code,
                            stderr=stderr_tail)
@@ -143,31 +167,39 @@ def run_script(c, script: str | os.PathLike[str], args: Sequence[str] = (), *,
                      report.get("stopped"), tuple(report.get("notes") or ()))
 
 
-def stop_active_runs(grace: float = STOP_GRACE) -> list[str]:
-    """Stop every run this process has under way (Ctrl-C): the runner on each host
-    stops the run's process group (SIGTERM, SIGKILL after ``grace`` seconds; see
+def stop_active_runs(grace: float = STOP_GRACE, *, only_run: str | None = None,
+                     close_unstarted: bool = False) -> list[str]:
+    """Stop every run this process has under way (Ctrl-C), or only those of run id
+    ``only_run`` (a gang): the runner on each host stops the run's process group
+    (SIGTERM, SIGKILL after ``grace`` seconds; see
     :func:`fabfleet.hostside.runner.signal_group`). Returns the hosts where runs were
-    stopped."""
+    stopped. Ctrl-C then closes each run's connection (a run whose script had not started
+    yet stops when it does); with ``close_unstarted`` only those runs' connections are
+    closed, so the others report their exit codes."""
     with _active_lock:
-        active = list(_active.items())
+        active = [(key, c) for key, c in _active.items()
+                  if only_run is None or key[1].rstrip("/").endswith("/" + only_run)]
     stopped = []
 
     def stop(key, c) -> None:
         host, run_dir = key
         spec = {"runs_root": layout(c.fleet_host, "")["all_runs"],
                 "run_id": run_dir.rstrip("/").rsplit("/", 1)[-1], "grace": grace}
+        done = False
         try:
             with connect(c.fleet_host) as fresh:  # the run's own channel is busy
-                execute(fresh, python_command(fresh.fleet_host, runner,
-                                              ["stop", json.dumps(spec)]),
-                        timeout=grace + QUICK_COMMAND, action="stop the run")
+                out = execute(fresh, python_command(fresh.fleet_host, runner,
+                                                    ["stop", json.dumps(spec)]),
+                              timeout=grace + QUICK_COMMAND, action="stop the run")
+            done = '"stopped": true' in out.stdout
             stopped.append(host)
         except FleetError:
             pass  # the host is gone: nothing left to stop there
         finally:
             # A run whose runner had not yet written its pid when the stop came: our side
             # of its channel closing makes the runner stop it (see ClientWatch).
-            c.close()
+            if not (close_unstarted and done):
+                c.close()
     threads = [threading.Thread(target=stop, args=item, daemon=True) for item in active]
     for t in threads:
         t.start()

@@ -13,6 +13,7 @@ import os
 import posixpath
 import re
 import secrets
+import shlex
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -43,13 +44,30 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{machine}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def run_spec(c, script: Path, args: Sequence[str], *, project: str | None,
-             script_in_project: str | None, cwd: str, run_id: str | None):
+def command_vector(command: str | Sequence[str], shell_string: bool) -> list[str]:
+    """What a command runs as: the argument vector as given (each word one argument,
+    never re-split), or with ``shell_string`` one string for the host's ``sh -c``."""
+    if shell_string:
+        if not isinstance(command, str) or not command.strip():
+            raise LocalError("a shell command is one non-empty string")
+        return ["sh", "-c", command]
+    words = [command] if isinstance(command, str) else list(command)
+    if not words or not all(isinstance(w, str) for w in words) or not words[0]:
+        raise LocalError(f"{command!r}: a command is a non-empty list of strings")
+    return words
+
+
+def run_spec(c, script: Path | None, args: Sequence[str], *, project: str | None,
+             script_in_project: str | None, cwd: str, run_id: str | None,
+             command: Sequence[str] | None = None, module: str | None = None,
+             env: dict[str, str] | None = None):
     """The runner's spec for one run, shared by attached runs and detached jobs:
-    ``(spec, layout, run_id, run_dir, project)``. A script travelling alone goes inside
-    the spec up to :data:`INLINE_LIMIT`, uploaded beyond."""
+    ``(spec, layout, run_id, run_dir, project)``. It runs a script (one travelling alone
+    goes inside the spec up to :data:`INLINE_LIMIT`, uploaded beyond), a ``command``
+    vector, or ``module`` (``python -m``); ``env`` is added to its environment."""
     host: Host = c.fleet_host
-    if script_in_project is None and not script.is_file():
+    if command is None and module is None and script_in_project is None \
+            and not script.is_file():
         raise LocalError(f"{script}: script not found")
     project = project or resolve_project().name
     lay = layout(host, project)
@@ -58,7 +76,13 @@ def run_spec(c, script: Path, args: Sequence[str], *, project: str | None,
     spec = {"run_id": run_id, "run_dir": run_dir, "project": project,
             "cwd": posixpath.join(lay["project"], cwd) if cwd not in ("", ".") else lay["project"],
             "work_dir": lay["work_dir"], "args": list(args)}
-    if script_in_project is not None:
+    if env:
+        spec["env"] = dict(env)
+    if command is not None:
+        spec.update(command=list(command), display=shlex.join(command))
+    elif module is not None:
+        spec.update(module=module)
+    elif script_in_project is not None:
         spec.update(script=f"{lay['project']}/{script_in_project}", script_b64=None)
     else:
         data = script.read_bytes()

@@ -33,6 +33,7 @@ ISOLATED = True  # run with `python -I`: nothing of the user's (cwd, user site) 
 ERROR = "\x1efabfleet-error: "
 REPORT = "\x1efabfleet-report: "
 RUNNER_FAILED = 95
+COMMAND_MISSING = 127  # as a shell says it
 SCRIPT_MISSING = 96
 TIMED_OUT = 124
 PIPE_GRACE = 2.0
@@ -270,10 +271,12 @@ def job_status(run_dir):
         code = read_exit_code(run_dir) if not alive else None
         status = "running" if alive else "exited" if code is not None else "lost"
     argv = job.get("argv") or command.get("argv") or []
+    display = job.get("display") or command.get("display")
     return {"run_id": os.path.basename(run_dir), "project": os.path.basename(os.path.dirname(run_dir)),
             "status": status, "exit_code": code,
             "detached": bool(job) and not job.get("attached"),
-            "command": " ".join([os.path.basename(argv[2])] + argv[3:]) if len(argv) > 2
+            "command": display if display else
+                       " ".join([os.path.basename(argv[2])] + argv[3:]) if len(argv) > 2
                        else " ".join(argv),
             "started": started, "age": (time.time() - started) if started else None,
             "pid": job.get("pid"), "run_dir": run_dir,
@@ -456,6 +459,18 @@ def cmd_clean(spec):
     sys.stdout.write(REPORT + json.dumps({"removed": removed, "kept": kept}) + "\n")
 
 
+def cmd_port(spec):
+    """A TCP port free on this host (bound on every address, then released)."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    finally:
+        s.close()
+    sys.stdout.write(REPORT + json.dumps({"port": port}) + "\n")
+
+
 def cmd_logs(spec):
     """Output of a run from byte ``offset``; with ``follow``, until the run ends. The
     last line on stderr is the report: the run's status and exit code."""
@@ -491,7 +506,43 @@ def cmd_logs(spec):
     sys.stderr.write(REPORT + json.dumps(dict(state, offset=offset)) + "\n")
 
 
-def detach(spec, argv, cwd, env, run_dir, notes):
+def interpreter(script):
+    """What runs ``script``: the interpreter of its ``#!`` line (``#!/bin/bash``,
+    ``#!/usr/bin/env Rscript``; as the kernel reads it: the interpreter and at most one
+    argument), or — for Python, with or without a ``#!`` line — this env's Python."""
+    try:
+        with open(script, "rb") as f:
+            first = f.readline(1024)
+    except OSError:
+        first = b""
+    if not first.startswith(b"#!"):
+        return [sys.executable, "-u"]
+    words = first[2:].decode("utf-8", "replace").strip().split(None, 1)
+    if not words:
+        return [sys.executable, "-u"]
+    names = [os.path.basename(words[0])] + words[1:]
+    program = names[1].split()[0] if names[0] == "env" and len(names) > 1 else names[0]
+    if program.startswith("python"):
+        return [sys.executable, "-u"]  # the env's Python: the one `python` there means
+    if names[0] == "env" and len(names) > 1:
+        return names[1].split()  # env resolves it on PATH: so do we (inside the env)
+    return words
+
+
+def which(program, path, cwd):
+    """``program`` as the shell would find it (a name on ``path``, or a path relative to
+    ``cwd``); ``None`` when it is not there or not executable."""
+    if "/" in program:
+        full = os.path.join(cwd, program)
+        return full if os.path.isfile(full) and os.access(full, os.X_OK) else None
+    for d in (path or os.defpath).split(os.pathsep):
+        full = os.path.join(d or ".", program)
+        if os.path.isfile(full) and os.access(full, os.X_OK):
+            return full
+    return None
+
+
+def detach(spec, argv, display, cwd, env, run_dir, notes):
     """Start the script as a job that outlives this connection: a daemon (own session,
     no terminal, stdin /dev/null, output to files, hang-ups ignored) starts it in its own
     process group, records ``job.json`` atomically, waits, and records ``exit_code``."""
@@ -531,6 +582,7 @@ def detach(spec, argv, cwd, env, run_dir, notes):
         sys.stderr.write("cannot start the job: %s\n" % exc)
         os._exit(1)
     job = {"run_id": spec["run_id"], "project": spec.get("project"), "argv": argv, "cwd": cwd,
+           "display": display,
            "pid": proc.pid, "pgid": proc.pid, "start_ticks": start_ticks(proc.pid),
            "boot_id": boot_id(), "started": time.time(), "runner_pid": os.getpid(),
            "runner_ticks": start_ticks(os.getpid()),
@@ -577,7 +629,9 @@ def main(spec):
         run_dir = None
 
     script = spec.get("script") and expand(spec["script"])
-    if spec.get("script_b64") is not None:
+    if spec.get("command") or spec.get("module"):
+        script = None
+    elif spec.get("script_b64") is not None:
         data = base64.b64decode(spec["script_b64"])
         script = None
         for where in ([run_dir] if run_dir else []) + [None]:
@@ -596,12 +650,27 @@ def main(spec):
                 script = None
         if script is None:
             fail("cwd", "nowhere to write the script on the host: " + "; ".join(notes))
-    if not script or not os.path.isfile(script):
-        fail("script", "%s is not on this host" % script)
-
-    argv = [sys.executable, "-u", script] + spec["args"]
+    if spec.get("command"):  # a command: an argument vector, resolved on PATH below
+        argv = list(spec["command"])
+        display = spec.get("display") or " ".join(argv)
+    elif spec.get("module"):  # python -m MODULE, from the project's dir
+        argv = [sys.executable, "-u", "-m", spec["module"]] + spec["args"]
+        display = " ".join(["-m", spec["module"]] + spec["args"])
+    else:
+        if not script or not os.path.isfile(script):
+            fail("script", "%s is not on this host" % script)
+        argv = interpreter(script) + [script] + spec["args"]
+        display = " ".join([os.path.basename(script)] + spec["args"])
     env = dict(os.environ, PYTHONUNBUFFERED="1", FABFLEET_RUN_ID=spec["run_id"],
                FABFLEET_RUN_DIR=run_dir or "")
+    env.update(spec.get("env") or {})  # the launch variables (FABFLEET_HOST, …)
+    found = which(argv[0], env.get("PATH"), cwd)
+    if found is None:
+        sys.stderr.write("%scommand: %s: not found on this host (PATH=%s)\n"
+                         % (ERROR, argv[0], env.get("PATH", "")))
+        sys.stderr.flush()
+        sys.exit(COMMAND_MISSING)
+    argv[0] = found
     if spec.get("env_file"):  # secrets (a Jupyter token) come in a file, never in argv
         env_path = expand(spec["env_file"])
         env.update(read_json(env_path) or {})
@@ -610,11 +679,12 @@ def main(spec):
         except OSError:
             pass
     started = time.time()
-    write_file(run_dir, "command.json", json.dumps({"argv": argv, "cwd": cwd}), notes)
+    write_file(run_dir, "command.json", json.dumps({"argv": argv, "cwd": cwd,
+                                                    "display": display}), notes)
     if spec.get("detach"):
         if run_dir is None:
             fail("cwd", "a detached job needs its run dir: " + "; ".join(notes))
-        detach(spec, argv, cwd, env, run_dir, notes)
+        detach(spec, argv, display, cwd, env, run_dir, notes)
     client = ClientWatch(float(spec["client_lost"])) if spec.get("client_lost") else None
     if client is not None and client.gone.wait(0.01):
         fail("cwd", "the client went away before the script started (%s)" % client.why)
@@ -629,7 +699,7 @@ def main(spec):
     # this run from a later process that reused its pid, after a reboot too.
     write_file(run_dir, "job.json", json.dumps(
         {"run_id": spec["run_id"], "project": spec.get("project"), "argv": argv, "cwd": cwd,
-         "pid": proc.pid, "pgid": proc.pid, "start_ticks": start_ticks(proc.pid),
+         "display": display, "pid": proc.pid, "pgid": proc.pid, "start_ticks": start_ticks(proc.pid),
          "boot_id": boot_id(), "started": started, "runner_pid": os.getpid(),
          "runner_ticks": start_ticks(os.getpid()), "attached": True}), notes)
     stopped = [None]
@@ -705,7 +775,7 @@ def main(spec):
 
 
 COMMANDS = {"run": main, "jobs": cmd_jobs, "kill": cmd_kill, "logs": cmd_logs,
-            "stop": cmd_stop, "clean": cmd_clean}
+            "stop": cmd_stop, "clean": cmd_clean, "port": cmd_port}
 
 if __name__ == "__main__":
     if len(sys.argv) > 2:
