@@ -51,7 +51,8 @@ _EXPORTS = {
     "GatheredFile": "host.gather", "gather": "host.gather",
     "local_files": "host.files", "PushResult": "host.push", "push": "host.push",
     "clean": "host.jobs", "setup_workdir": "host.workdir",
-    "RunResult": "host.runs", "run_script": "host.runs", "stop_active_runs": "host.runs",
+    "RunResult": "host.runs", "run_script": "host.runs", "run_command": "host.runs",
+    "stop_active_runs": "host.runs", "launch_env": "fleet.runs",
     "Job": "host.jobs", "list_jobs": "host.jobs", "start_job": "host.jobs",
     "call_on_host": "host.pool", "close_workers": "host.pool",
     "RemoteFunction": "host.payload", "call": "host.payload", "dumps_call": "host.payload",
@@ -93,7 +94,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .fleet.checks import check_hosts, top_hosts
     from .fleet.fanout import FanOutResult, Outcome, fan_out, per_host
     from .fleet.inventory import Inventory
-    from .fleet.runs import run_many
+    from .fleet.runs import launch_env, run_many
     from .fleet.scheduler import (FleetExecutor, ItemOutcome, MapError, imap_unordered,
                                   map_hosts, run_on_hosts)
     from .host.facts import check_env, top_snapshot
@@ -104,7 +105,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
                                run_payload, save_payload)
     from .host.pool import call_on_host, close_workers
     from .host.push import PushResult, push
-    from .host.runs import RunResult, run_script, stop_active_runs
+    from .host.runs import RunResult, run_command, run_script, stop_active_runs
     from .host.workdir import setup_workdir
     from .ssh.connect import FleetConnection, connect
     from .ssh.output import PrefixedOutput
