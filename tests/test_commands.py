@@ -93,6 +93,8 @@ def test_shebang_scripts_and_modules(fleet, cmdproj):
     r = run(fleet, cmdproj, "run-remote", "-H", "ws1", "prepare.sh", "--args", "1 'two words'")
     assert r.returncode == 3, r.stdout + r.stderr
     assert r.stdout.splitlines() == ["[1]", "[two words]", "bash in cmdproj"]
+    r = run(fleet, cmdproj, "run-remote", "-H", "ws1", "prepare.sh", "--", "x  y", "-z")
+    assert r.returncode == 3 and r.stdout.splitlines()[:2] == ["[x  y]", "[-z]"], r.stdout
     r = run(fleet, cmdproj, "run-remote", "-H", "ws1", "-m", "pkg.train", "--args", "--lr 0.1")
     assert r.returncode == 0 and "module ['--lr', '0.1']" in r.stdout, r.stdout + r.stderr
     env_python = write(cmdproj / "which.py", "#!/usr/bin/env python3\nimport sys\n"

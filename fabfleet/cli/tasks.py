@@ -175,7 +175,8 @@ _RUN_HELP = {
     "script": "local script to run: Python, or any with a #! line (#!/bin/bash …)",
     "module": "SCRIPT is a module of the project: run it with the host's Python, as "
               "python -m SCRIPT (fabfleet run-remote -H ws1 -m pkg.train)",
-    "args": "arguments for the script, split like a shell would ('--epochs 3 --name \"a b\"')",
+    "args": "arguments for the script, split like a shell would ('--epochs 3 --name \"a b\"'); "
+            "or put them after --, word for word",
     **_RUN_HELP})
 def run_remote(c, selected, script, module=False, args="", no_push=False, exclude=None,
                max_parallel=None, timeout=None, keep_children=False, detach=False,
@@ -188,10 +189,16 @@ def run_remote(c, selected, script, module=False, args="", no_push=False, exclud
     elif not os.path.isfile(script):
         raise Exit(f"fabfleet: {script}: script not found (nothing was sent to any host)", 2)
     module = module or None
+    from .options import raw_command
     try:
         argv = shlex.split(args)
     except ValueError as exc:
         raise Exit(f"fabfleet: --args {args!r}: {exc}", 2) from None
+    if raw_command():  # run-remote train.py -- --epochs 3 'a b': the words as given
+        if argv:
+            raise Exit("fabfleet: give the script's arguments with --args or after --, "
+                       "not both", 2)
+        argv = raw_command()
     label = script if script else f"-m {module}"
     _run(c, selected, label, dict(script=script, args=argv, module=module), no_push=no_push,
          exclude=exclude, max_parallel=max_parallel, timeout=timeout,
