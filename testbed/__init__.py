@@ -232,3 +232,31 @@ def up(prefix: int = 22) -> Path:
 
 def down(prefix: int = 22) -> None:
     compose("down", "-v", "--remove-orphans", prefix=prefix)
+
+
+def fake_gpus(container: str, gpus: list[dict] | None) -> None:
+    """Make ``container`` a GPU box with ``gpus`` (``[{"index", "uuid", "name",
+    "memory_total", "memory_used", "utilization"}]``, any order) for the nvidia-smi
+    stand-in — or, with ``None``, a host without GPUs again (no nvidia-smi on PATH)."""
+    import json
+    if gpus is None:
+        script = ("rm -f /usr/local/bin/nvidia-smi /etc/fake-gpus/gpus.json; "
+                  "rm -f /var/lib/fake-gpus/holders/*")
+    else:
+        script = ("mkdir -p /etc/fake-gpus && cat > /etc/fake-gpus/gpus.json && "
+                  "ln -sf /usr/local/lib/fake-gpu/nvidia-smi /usr/local/bin/nvidia-smi")
+    subprocess.run(["docker", "exec", "-i", container, "sh", "-c", script], check=True,
+                   input=json.dumps(gpus or []).encode(), timeout=60)
+
+
+def gpu_list(prefix: str, count: int, *, start: int = 0) -> list[dict]:
+    """``count`` idle stand-in GPUs with UUIDs unique to ``prefix``, listed out of index
+    order (as nvidia-smi may number them otherwise than CUDA)."""
+    import hashlib
+    out = []
+    for i in range(start, start + count):
+        h = hashlib.sha256(f"{prefix}-{i}".encode()).hexdigest()
+        out.append({"index": i, "uuid": f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}",
+                    "name": "NVIDIA A100-SXM4-40GB", "memory_total": 40960,
+                    "memory_used": 0, "utilization": 0})
+    return list(reversed(out))

@@ -113,7 +113,13 @@ def set_raw_command(argv: list[str]) -> list[str]:
     if len(head) > 1 and head[1].split("=")[0] in ("-H", "--host", "-g", "--group", "-a",
                                                     "--all"):
         head = [head[0], "run", *head[1:]]
+    if "queue-submit" in head and _raw:  # its FILE is the command after `--`
+        head = [*head, COMMAND_AS_FILE]
     return head + ["--"]
+
+
+#: What ``queue-submit`` gets as FILE when the task is the command after ``--``.
+COMMAND_AS_FILE = "@command-after-dashes"
 
 
 def raw_command() -> list[str]:

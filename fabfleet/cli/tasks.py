@@ -275,6 +275,92 @@ def _run(c, selected, label, what, *, no_push, exclude, max_parallel, timeout,
     raise Exit(code=1 if failed else 0)
 
 
+@hosts_task(help={"file": "task file: one command per line (as `fabfleet run` runs it; "
+                          "`python train.py --lr 0.1` …); or give one command after --",
+                  "gpus_per_task": "GPUs each task gets, free ones only (default 1; 0: CPU "
+                                   "tasks, tasks_per_host at a time)",
+                  "name": "the queue's name (default: a new id), for queue-status/-cancel/"
+                          "-retry",
+                  "max_memory": "MiB a GPU may already use and still count as free "
+                                "(default 1024: a process hidden in a container)",
+                  "no_push": "do not push the project first",
+                  "json": "print {\"name\": …, \"tasks\": N} instead"})
+def queue_submit(c, selected, file, gpus_per_task=1, name=None, max_memory=1024,
+                 no_push=False, json_=False):
+    """Queue tasks on the hosts' free GPUs; they run there without this laptop."""
+    from ..fleet.queue import parse_tasks, submit
+    from .options import COMMAND_AS_FILE, raw_command
+    words = raw_command()
+    if (file == COMMAND_AS_FILE) != bool(words):
+        raise Exit("fabfleet: give a task file, or one command after -- (not both)", 2)
+    if file != COMMAND_AS_FILE:
+        try:
+            text = Path(file).read_text()
+        except OSError as exc:
+            raise Exit(f"fabfleet: {file}: {exc.strerror or exc}", 2) from None
+        tasks = parse_tasks(text)
+    else:
+        tasks = [words]
+    per = number("gpus-per-task", gpus_per_task, int, 0)
+    queue = submit(selected, tasks, gpus_per_task=per, name=name, project=project(c),
+                   cwd=os.getcwd(), push_project=not no_push,
+                   max_memory_mib=number("max-memory", max_memory, int, 0))
+    if json_:
+        _json({"name": queue.name, "tasks": len(tasks)})
+    else:
+        print(f"queue {queue.name}: {len(tasks)} task(s) handed to "
+              f"{', '.join(h.name for h in selected)}; they run there without this laptop.")
+        print(f"watch it: fabfleet queue-status {queue.name}")
+
+
+def _queue(c, name, host, group):
+    from ..fleet.queue import Queue
+    inv = inventory(c)
+    hosts = list(inv.select(host=host, group=group)) if (host or group) else list(inv)
+    return Queue(hosts, name)
+
+
+def _queue_report(state, as_json: bool) -> None:
+    if as_json:
+        _json({"name": state["name"], "tasks": state["tasks"], "hosts": state["hosts"]})
+        return
+    render.show(render.table(f"queue {state['name']}",
+                             ["task", "host", "state", "exit", "gpus", "seconds", "run id",
+                              "command"],
+                             [[str(t["index"]), t["host"], t["state"],
+                               "-" if t["exit_code"] is None else str(t["exit_code"]),
+                               ",".join(g[:12] for g in t["gpus"]) or "-",
+                               "-" if t["seconds"] is None else f"{t['seconds']:.0f}",
+                               t["run_id"] or "-", t["command"][:60]]
+                              for t in state["tasks"]]))
+    for host, error in state["hosts"].items():
+        if error:
+            render.say(f"{host}: not asked: {error}", mark="!")
+
+
+_QUEUE_HELP = {"name": "the queue's name (queue-submit printed it)",
+               "host": "only these hosts (default: every host in the inventory)",
+               "group": "only this inventory group", "json": "print JSON"}
+
+
+@fleet_task(help=_QUEUE_HELP)
+def queue_status(c, name, host=None, group=None, json_=False):
+    """Each task of a queue: host, GPUs, state, exit code, run id (logs/kill work on it)."""
+    _queue_report(_queue(c, name, host, group).status(), json_)
+
+
+@fleet_task(help=_QUEUE_HELP)
+def queue_cancel(c, name, host=None, group=None, json_=False):
+    """Cancel a queue: no task starts any more; running tasks are stopped."""
+    _queue_report(_queue(c, name, host, group).cancel(), json_)
+
+
+@fleet_task(help=_QUEUE_HELP)
+def queue_retry(c, name, host=None, group=None, json_=False):
+    """Put a queue's failed and lost tasks back; they run again on free GPUs."""
+    _queue_report(_queue(c, name, host, group).retry(), json_)
+
+
 def _detached(results, as_json: bool) -> None:
     doc = {"ok": results.ok, "hosts": {
         h: {"ok": o.ok, "run_id": o.value.run_id if o.ok else None,
@@ -594,6 +680,6 @@ def run_pickle(c, selected, payload, out="gathered", max_parallel=None):
 
 
 ns = Collection(init, hosts, check_env, setup_workdir, push, run_remote, run_command,
-                run_pickle, gather,
+                queue_submit, queue_status, queue_cancel, queue_retry, run_pickle, gather,
                 clean, jobs, logs, kill, tunnel, jupyter, top, dask_up, dask_down)
 ns.configure({"fabfleet": {"inventory": None, "project": None}})

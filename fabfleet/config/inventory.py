@@ -54,6 +54,12 @@ class Host:
     #: ``sh`` (POSIX sh, the default) or ``login`` (the user's login shell, as a login
     #: shell: profile scripts run, so ``module`` exists)
     shell: str = "sh"
+    #: GPUs tasks may use: "all", or a list of indices or UUIDs
+    gpus: Any = "all"
+    #: how many queue tasks may share one GPU
+    tasks_per_gpu: int = 1
+    #: CPU-only queue tasks (``--gpus-per-task 0``) at once; default ``max_jobs``
+    tasks_per_host: int | None = None
     #: the jump hosts' own records, first hop first (resolved from ``jump`` on load)
     hops: tuple["Host", ...] = ()
     #: keys that came from ``defaults`` rather than the host's own entry; for hosts
@@ -151,6 +157,15 @@ def _policy(where: str, value: Any) -> str:
     return value
 
 
+def _gpus(where: str, value: Any) -> Any:
+    if value == "all":
+        return "all"
+    _expect(isinstance(value, list) and value and all(
+        isinstance(v, (int, str)) and not isinstance(v, bool) for v in value), where,
+        "'all' or a list of GPU indices or UUIDs", value)
+    return tuple(str(v) for v in value)
+
+
 def _local_path(where: str, value: Any) -> str:
     return os.path.expanduser(_str(where, value))
 
@@ -173,6 +188,9 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "jump": _names,
     "setup": _lines,
     "shell": _shell,
+    "gpus": _gpus,
+    "tasks_per_gpu": _int(1, 64),
+    "tasks_per_host": _int(1, 1024),
 }
 _SECRET_KEYS = {"password", "passphrase", "key_passphrase", "sudo_password"}
 

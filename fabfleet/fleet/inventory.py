@@ -14,6 +14,8 @@ from typing import Any
 from ..config.inventory import HostSet
 from ..config.settings import resolve_project
 from ..ssh.connect import FleetConnection, connect
+from ..errors import LocalError
+from .queue import Queue, submit
 from .scheduler import FleetExecutor, ItemOutcome, imap_unordered, map_hosts
 
 
@@ -46,6 +48,20 @@ class Inventory(HostSet):
         project = resolve_project()
         options.setdefault("project_root", project.root if project.pushable else None)
         return dask_cluster(self, project=project.name, **options)
+
+    def queue(self, tasks: Iterable[Any] | None = None, *, gpus_per_task: int = 1,
+              name: str | None = None, **options: Any) -> Queue:
+        """Hand ``tasks`` (command lines or argument vectors) to these hosts, to run on
+        their free GPUs without this process (see :mod:`fabfleet.fleet.queue`); the
+        :class:`~fabfleet.fleet.queue.Queue` handle (``status()``, ``wait()``,
+        ``cancel()``, ``retry()``). With ``tasks=None``, the handle of the queue ``name``
+        submitted earlier, from any process."""
+        if tasks is None:
+            if not name:
+                raise LocalError("give the tasks, or the name of a submitted queue")
+            return Queue(list(self), name)
+        return submit(list(self), list(tasks), gpus_per_task=gpus_per_task, name=name,
+                      **options)
 
     def executor(self, **options: Any) -> FleetExecutor:
         """A ``concurrent.futures.Executor`` over these hosts (``timeout=``,

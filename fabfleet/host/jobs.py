@@ -173,6 +173,17 @@ def list_jobs(c, project: str | None = None) -> list[dict]:
     return report
 
 
+def queue_state(c, queues_root: str, name: str, *, cancel: bool = False,
+                retry: bool = False) -> dict | None:
+    """Queue ``name``'s tasks on the host behind ``c`` (``None``: it holds none), after
+    cancelling it or putting its failed and lost tasks back (one round trip)."""
+    spec = {"queues_root": queues_root, "name": name, "cancel": cancel, "retry": retry,
+            "grace": STOP_GRACE}
+    report, _ = _remote(c, "queue", spec, action=f"read queue {name}",
+                        timeout=QUICK_COMMAND + STOP_GRACE)
+    return None if report.get("absent") else report
+
+
 def free_port(c) -> int:
     """A TCP port free on the host behind ``c`` right now (the kernel's pick), for a
     program launched across hosts to meet on (``FABFLEET_PORT``)."""

@@ -459,6 +459,74 @@ def cmd_clean(spec):
     sys.stdout.write(REPORT + json.dumps({"removed": removed, "kept": kept}) + "\n")
 
 
+def queue_report(qdir):
+    """One queue's tasks on this host: each task's state from its run (the same job
+    status as every run), whether the drainer still runs."""
+    cfg = read_json(os.path.join(qdir, "tasks.json"))
+    if cfg is None:
+        return None
+    drainer = read_json(os.path.join(qdir, "drainer.json")) or {}
+    runs = os.path.expanduser(cfg["spec"]["runs"])
+    alive = bool(drainer.get("run_id")) and os.path.isdir(os.path.join(
+        runs, drainer["run_id"])) and job_status(os.path.join(
+            runs, drainer["run_id"]))["status"] == "running"
+    cancelled = os.path.exists(os.path.join(qdir, "cancel"))
+    tasks = []
+    for task in cfg["tasks"]:
+        rec = read_json(os.path.join(qdir, "state", "%d.json" % task["index"])) or {}
+        out = {"index": task["index"], "command": task["display"], "gpus": rec.get("gpus", []),
+               "run_id": rec.get("run_id"), "exit_code": None, "seconds": None,
+               "started": rec.get("started")}
+        if not rec:
+            out["state"] = "cancelled" if cancelled else "queued" if alive else "lost"
+        elif not rec.get("run_id"):
+            out["state"] = "failed"
+        else:
+            st = job_status(os.path.join(runs, rec["run_id"]))
+            timing = read_json(os.path.join(runs, rec["run_id"], "timing.json")) or {}
+            out["exit_code"], out["seconds"] = st["exit_code"], timing.get("seconds")
+            out["state"] = {"running": "running", "lost": "lost"}.get(st["status"]) or (
+                "cancelled" if st["status"] == "killed" and cancelled else
+                "exited" if st["exit_code"] == 0 else "failed")
+        tasks.append(out)
+    return {"name": cfg["name"], "drainer": alive, "cancelled": cancelled, "tasks": tasks,
+            "gpus_per_task": cfg["gpus_per_task"]}
+
+
+def cmd_queue(spec):
+    """The state of queue ``name`` here (``null`` when this host has none); with
+    ``cancel``, first stop it: no task starts any more, running ones are stopped; with
+    ``retry``, failed and lost tasks go back to the queue."""
+    qdir = os.path.join(os.path.abspath(os.path.expanduser(spec["queues_root"])),
+                        spec["name"])
+    if not valid_run_id(spec["name"]) or not os.path.isdir(qdir):
+        sys.stdout.write(REPORT + json.dumps({"absent": True}) + "\n")
+        return
+    if spec.get("cancel"):
+        write_atomic(os.path.join(qdir, "cancel"), "%f" % time.time())
+        report = queue_report(qdir)
+        runs = os.path.expanduser(read_json(os.path.join(qdir, "tasks.json"))["spec"]["runs"])
+        for task in report["tasks"]:
+            if task["state"] == "running":
+                job = read_json(os.path.join(runs, task["run_id"], "job.json")) or {}
+                if job.get("pgid") and is_run_process(job["pgid"], task["run_id"]):
+                    write_atomic(os.path.join(runs, task["run_id"], "killed"), json.dumps(
+                        {"signal": "SIGTERM", "at": time.time()}))
+                    signal_group(job["pgid"], signal.SIGTERM, float(spec.get("grace", 2)))
+    if spec.get("retry"):
+        for task in queue_report(qdir)["tasks"]:
+            if task["state"] in ("failed", "lost"):
+                try:
+                    os.unlink(os.path.join(qdir, "state", "%d.json" % task["index"]))
+                except OSError:
+                    pass
+        try:
+            os.unlink(os.path.join(qdir, "cancel"))
+        except OSError:
+            pass
+    sys.stdout.write(REPORT + json.dumps(queue_report(qdir)) + "\n")
+
+
 def cmd_port(spec):
     """A TCP port free on this host (bound on every address, then released)."""
     import socket
@@ -775,7 +843,7 @@ def main(spec):
 
 
 COMMANDS = {"run": main, "jobs": cmd_jobs, "kill": cmd_kill, "logs": cmd_logs,
-            "stop": cmd_stop, "clean": cmd_clean, "port": cmd_port}
+            "stop": cmd_stop, "clean": cmd_clean, "port": cmd_port, "queue": cmd_queue}
 
 if __name__ == "__main__":
     if len(sys.argv) > 2:
