@@ -134,7 +134,8 @@ class Queue:
         state = self._merge(results)
         for name, o in results.items():
             if o.ok and o.value and not o.value["drainer"] and any(
-                    t["state"] == "queued" for t in o.value["tasks"]):
+                    t["run_id"] is None and t["state"] in ("queued", "lost")
+                    for t in o.value["tasks"]):
                 host = next(h for h in self.hosts if h.name == name)
                 with connect(host) as c:
                     _start_drainer(c, f"{_queues_root(host)}/{self.name}",

@@ -490,7 +490,7 @@ def queue_report(qdir):
                 "exited" if st["exit_code"] == 0 else "failed")
         tasks.append(out)
     return {"name": cfg["name"], "drainer": alive, "cancelled": cancelled, "tasks": tasks,
-            "gpus_per_task": cfg["gpus_per_task"]}
+            "gpus_per_task": cfg["gpus_per_task"], "project": cfg["spec"].get("project")}
 
 
 def cmd_queue(spec):
