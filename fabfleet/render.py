@@ -148,8 +148,24 @@ def check_report(report: Mapping[str, Any]) -> None:
             say(r["error"], mark="✗")
         for w in r.get("warnings") or []:
             say(f"{name}: {w}", mark="!")
+        for g in r.get("gpus") or []:
+            if g.get("processes"):
+                say(f"{name}: GPU {g['index']} ({g.get('uuid') or '?'}) is held by "
+                    + holders(g).strip(" []")
+                    + ("" if all(p["mine"] for p in g["processes"]) else
+                       " (! = not yours)"), mark="!")
     n_ok = sum(r["ok"] for r in report["hosts"].values())
     say(f"{n_ok}/{len(report['hosts'])} hosts ready")
+
+
+def holders(gpu: Mapping[str, Any]) -> str:
+    """`` [eve:4242 2000M!]`` — who holds a GPU (user:pid memory), ``!`` marking
+    processes that are not yours; ``""`` when no one does."""
+    procs = gpu.get("processes") or []
+    if not procs:
+        return ""
+    return " [" + " ".join(f"{p['user']}:{p['pid']} {p['memory_mib']}M"
+                           + ("" if p["mine"] else "!") for p in procs) + "]"
 
 
 def top_table(doc: Mapping[str, Any]):
@@ -161,7 +177,8 @@ def top_table(doc: Mapping[str, Any]):
         used = (r["mem_total"] or 0) - (r["mem_available"] or 0)
         gpus = " ".join(f"{g['index']}:{g['utilization_pct']}% "
                         f"{(g['memory_used_mib'] or 0) / 1024:.0f}/"
-                        f"{(g['memory_total_mib'] or 0) / 1024:.0f}G" for g in r["gpus"]) or "-"
+                        f"{(g['memory_total_mib'] or 0) / 1024:.0f}G" + holders(g)
+                        for g in r["gpus"]) or "-"
         rows.append([name, f"{r['load'][0]:g}" if r.get("load") else "-", str(r.get("cpus")),
                      f"{size(used)} / {size(r['mem_total'])}", size(r.get("disk_free")),
                      gpus, str(len(r["jobs"]))])

@@ -241,3 +241,23 @@ def test_a_leftover_child_holding_its_gpu_is_stopped(fleet, gpus, qproj):
         time.sleep(1)
     assert [t["state"] for t in doc["tasks"]] == ["exited"] * 4, doc
     assert "fake-gpu-hold 100" not in sh(fleet, "ws1", "ps -eo args")
+
+
+def test_top_and_check_env_name_who_holds_each_gpu(fleet, gpus):
+    held = gpus["ws2"][1]["uuid"]
+    holder = subprocess.Popen(["docker", "exec", "-e", f"CUDA_VISIBLE_DEVICES={held}",
+                               fleet.container("ws2"), "fake-gpu-hold", "1234", "30"])
+    try:
+        time.sleep(1)
+        r = fleet.cli("top", "--once", "--json", "-H", "ws2", inventory=fleet.inventory_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        listed = json.loads(r.stdout)["hosts"]["ws2"]["gpus"]
+        assert [g["index"] for g in listed] == [0, 1]  # by index, whatever nvidia-smi's order
+        by_uuid = {g["uuid"]: g["processes"] for g in listed}
+        assert [(p["user"], p["memory_mib"], p["mine"]) for p in by_uuid[held]] == \
+            [("root", 1234, False)]
+        assert [p for u, procs in by_uuid.items() if u != held for p in procs] == []
+        r = fleet.cli("check-env", "-H", "ws2", inventory=fleet.inventory_path)
+        assert f"is held by root:" in r.stdout and "not yours" in r.stdout, r.stdout
+    finally:
+        holder.kill()

@@ -77,9 +77,14 @@ def parse_nvidia_smi(raw: dict | None) -> dict:
 
         def num(s: str) -> int | None:
             return int(float(s)) if s.replace(".", "", 1).isdigit() else None
+        uuid = cols[6] if len(cols) > 6 else None
+        holders = [{"user": a["user"], "pid": a["pid"], "memory_mib": num(str(a["memory_mib"])),
+                    "mine": a["mine"]} for a in raw.get("apps") or [] if a["uuid"] == uuid]
         gpus.append({"index": num(cols[0]), "name": cols[1], "memory_total_mib": num(cols[2]),
                      "memory_used_mib": num(cols[3]), "utilization_pct": num(cols[4]),
-                     "driver": cols[5] if len(cols) > 5 else None})
+                     "driver": cols[5] if len(cols) > 5 else None, "uuid": uuid,
+                     "processes": holders})
+    gpus.sort(key=lambda g: (g["index"] is None, g["index"] or 0))  # nvidia-smi's order varies
     return {"gpus": gpus, "gpu_error": None}
 
 

@@ -75,10 +75,30 @@ def nvidia_smi():
     if not exe:
         return None
     p = subprocess.run([exe, "--query-gpu=index,name,memory.total,memory.used,"
-                        "utilization.gpu,driver_version", "--format=csv,noheader,nounits"],
+                        "utilization.gpu,driver_version,uuid", "--format=csv,noheader,nounits"],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True, timeout=20)
-    return {"exit": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+    out = {"exit": p.returncode, "stdout": p.stdout, "stderr": p.stderr, "apps": []}
+    if p.returncode == 0:  # who holds each GPU: pid, memory, and the process's owner
+        a = subprocess.run([exe, "--query-compute-apps=gpu_uuid,pid,used_memory",
+                            "--format=csv,noheader,nounits"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=20)
+        for line in a.stdout.splitlines() if a.returncode == 0 else []:
+            cols = [c.strip() for c in line.split(",")]
+            if len(cols) < 3 or not cols[1].isdigit():
+                continue
+            try:
+                uid = os.stat("/proc/%s" % cols[1]).st_uid
+            except OSError:
+                uid = None
+            try:
+                import pwd
+                user = pwd.getpwuid(uid).pw_name if uid is not None else None
+            except (KeyError, ImportError):
+                user = str(uid)
+            out["apps"].append({"uuid": cols[0], "pid": int(cols[1]), "memory_mib": cols[2],
+                                "user": user, "mine": uid == os.getuid()})
+    return out
 
 
 FACTS = {"python": python, "cloudpickle": cloudpickle, "packages": packages,
