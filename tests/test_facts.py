@@ -27,7 +27,8 @@ def test_gpu_host_report():
     assert [g["name"] for g in report["gpus"]] == ["NVIDIA A100-SXM4-40GB"] * 2
     assert report["gpus"][1] == {"index": 1, "name": "NVIDIA A100-SXM4-40GB",
                                  "memory_total_mib": 40960, "memory_used_mib": 38912,
-                                 "utilization_pct": 97, "driver": "535.129.03"}
+                                 "utilization_pct": 97, "driver": "535.129.03",
+                                 "uuid": None, "processes": []}  # (recorded before uuids)
     assert report["cpus"] >= 1 and report["mem_total"] > report["mem_available"] > 0
     assert report["work_dir"] == "/home/dev/fabfleet" and report["work_dir_writable"] is True
 
