@@ -261,3 +261,28 @@ def test_top_and_check_env_name_who_holds_each_gpu(fleet, gpus):
         assert f"is held by root:" in r.stdout and "not yours" in r.stdout, r.stdout
     finally:
         holder.kill()
+
+
+def _where_and_when(seconds: float):
+    import os
+    import time as t
+    start = t.time()
+    t.sleep(seconds)
+    return os.environ.get("FABFLEET_HOST_NAME_UNUSED"), os.environ.get(
+        "CUDA_VISIBLE_DEVICES"), os.environ.get("CUDA_DEVICE_ORDER"), start, t.time()
+
+
+def test_map_over_gpu_hosts_never_shares_a_gpu(fleet, gpus, tmp_path):
+    """max_jobs 4 on hosts with 2 GPUs each: every payload worker holds one GPU, so no
+    two items ever run on one GPU at once (and each sees only its own)."""
+    text = fleet.inventory_path.read_text()
+    path = tmp_path / "inventory.yaml"
+    path.write_text(text + "".join(f"  {h}-4:\n    hostname: 127.0.0.1\n    port: "
+                                   f"{fleet.port(h)}\n    max_jobs: 4\n" for h in GPU_HOSTS))
+    inv = Inventory.load(path)
+    out = inv.select(host="ws1-4,ws2-4").map(_where_and_when, [0.4] * 16)
+    known = {g["uuid"] for gl in gpus.values() for g in gl}
+    assert all(u in known and order == "PCI_BUS_ID" for _, u, order, _, _ in out), out
+    runs = [("?", u, o, s, e) for _, u, o, s, e in out]
+    assert_no_overlap(runs)
+    assert len({u for _, u, *_ in out}) == 4  # all four GPUs were used

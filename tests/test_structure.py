@@ -125,10 +125,27 @@ def test_host_side_code_is_standard_library_only_and_old_python(path):
     source = path.read_text()
     ast.parse(source, feature_version=OLDEST_HOST_PYTHON)  # a SyntaxError fails the test
     stdlib = set(sys.stdlib_module_names)
+    ships = ship_list(path)
     for mod in unguarded_imports(path):
-        # cloudpickle is the exception: the client ships its own when the host lacks it
-        assert mod.split(".")[0] in stdlib or (path.name, mod) == ("worker.py", "cloudpickle"), \
+        # cloudpickle is the exception: the client ships its own when the host lacks it;
+        # fabfleet_NAME is a host-side module the program ships with (SHIPS_WITH)
+        shipped = mod.startswith("fabfleet_") and mod[len("fabfleet_"):] in ships
+        assert mod.split(".")[0] in stdlib or shipped or \
+            (path.name, mod) == ("worker.py", "cloudpickle"), \
             f"{path.name} imports {mod}, not in the standard library, without a fallback"
+    for name in ships:
+        assert (PKG / "hostside" / f"{name}.py").is_file(), f"{path.name} ships {name}?"
+        from fabfleet.ssh.launch import SHIPPABLE
+        assert name in SHIPPABLE, f"{name} is not in fabfleet.ssh.launch.SHIPPABLE"
+
+
+def ship_list(path: Path) -> tuple[str, ...]:
+    """The module's ``SHIPS_WITH`` tuple (host-side modules that travel with it)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "SHIPS_WITH"
+                                                for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
     for target, _, _ in own_imports(f"fabfleet.hostside.{path.stem}", path):
         pytest.fail(f"{path.name} imports {target}: host-side modules travel alone")
 

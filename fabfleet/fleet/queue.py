@@ -28,7 +28,7 @@ from ..host.push import push
 from ..host.runspec import command_vector, new_run_id
 from ..hostside import boot, queue_app, runner
 from ..ssh.connect import connect, sftp_client, sftp_makedirs, sftp_put_private
-from ..ssh.launch import file_of, source
+from ..ssh.launch import file_of, shipped_with, source
 from ..ssh.liveness import watched
 from .fanout import per_host
 
@@ -223,6 +223,8 @@ def submit(hosts: Sequence[Host], tasks: Sequence[str | Sequence[str]], *,
             sftp_put_private(sftp, json.dumps(cfg).encode(), f"{_home(qdir)}/tasks.json")
             sftp_put_private(sftp, source(runner).encode(), f"{_home(qdir)}/runner.py")
             sftp_put_private(sftp, source(boot).encode(), f"{_home(qdir)}/boot.py")
+            for shipped, text in shipped_with(queue_app).items():
+                sftp_put_private(sftp, text.encode(), f"{_home(qdir)}/{shipped}.py")
         _start_drainer(c, qdir, project.name, name)
         return len(indices)
     handed = per_host(hosts, hand)

@@ -79,6 +79,8 @@ class Hello:
     executable: str
     pid: int
     cloudpickle: str
+    gpu: str | None = None     # the GPU this worker holds (its CUDA_VISIBLE_DEVICES)
+    gpu_busy: bool = False     # the host has GPUs, but none was free for this worker
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,7 +114,9 @@ class Worker:
             cache = f"~/.cache/fabfleet/cloudpickle-{cloudpickle.__version__}"
             # The same env as runs: env vars, venv/conda env or the project's venv.
             command = python_command(
-                self.host, proto, [cloudpickle.__version__, cache, "fabfleet-worker"],
+                self.host, proto, [cloudpickle.__version__, cache, "fabfleet-worker",
+                                   json.dumps({"allowed": self.host.gpus,
+                                               "slots": self.host.tasks_per_gpu})],
                 project=project, unbuffered=True)
             self.chan.exec_command(command.command)
             send_all(self.chan, command.stdin)  # the worker's source; calls follow
@@ -125,7 +129,8 @@ class Worker:
             raise CommandError(self.host.name, f"the worker sent {kind!r} instead of hello")
         info = json.loads(data)
         self.hello = Hello(tuple(info["python"]), info["implementation"], info["executable"],
-                           info["pid"], info["cloudpickle"])
+                           info["pid"], info["cloudpickle"], info.get("gpu"),
+                           bool(info.get("gpu_busy")))
 
     @property
     def alive(self) -> bool:
@@ -400,19 +405,47 @@ class HostPool:
                 if w.alive:
                     return w
                 w.close()
-        conn = self.connection()
-        try:
-            w = Worker(conn, timeout=deadlines(self.host).worker_start, project=self.project)
-        except BaseException:
-            self.started(conn, None)
-            raise
-        self.started(conn, w)
-        try:
-            check_python(self.host, w.hello)
-        except PythonMismatchError:
+        deadline = time.monotonic() + deadlines(self.host).worker_start
+        while True:
+            conn = self.connection()
+            try:
+                w = Worker(conn, timeout=deadlines(self.host).worker_start,
+                           project=self.project)
+            except BaseException:
+                self.started(conn, None)
+                raise
+            self.started(conn, w)
+            try:
+                check_python(self.host, w.hello)
+            except PythonMismatchError:
+                w.close()
+                raise
+            if not w.hello.gpu_busy:
+                return w
+            # Every GPU is held: one worker per GPU, so wait for one of ours to come back.
             w.close()
-            raise
-        return w
+            waited = self._idle_worker(deadline)
+            if waited is not None:
+                return waited
+
+    def _idle_worker(self, deadline: float) -> Worker | None:
+        """One of this pool's workers when it is given back (they hold the GPUs); ``None``
+        to try a new worker again (none of ours runs: maybe a GPU freed up); a
+        CommandError past ``deadline`` (the GPUs are someone else's)."""
+        while True:
+            with self.lock:
+                self.workers = {w for w in self.workers if not w.chan.closed}
+                if self.idle:
+                    return self.idle.pop()
+                ours = [w for w in self.workers if w.hello.gpu]
+            if not ours:
+                if time.monotonic() > deadline:
+                    raise CommandError(self.host.name, "every GPU on the host is in use by "
+                                       "other processes (see `fabfleet top`): nothing was "
+                                       "run. Wait for one to be free, or pick another host.")
+                time.sleep(1.0)  # maybe one frees up; try a new worker again
+                return None
+            time.sleep(0.05)
 
     def give_back(self, w: Worker) -> None:
         if not w.alive:

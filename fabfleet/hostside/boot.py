@@ -4,7 +4,7 @@ Run as ``python -c BOOT fabfleet-NAME [ARG]`` (see :mod:`fabfleet.ssh.launch`; t
 is for ``ps``, a further argument is passed on). Everything that could be
 large or secret — a host-side program's source, its arguments, an inline script, a
 spec — arrives on the channel's stdin as one frame, ``LENGTH\\n`` then ``LENGTH`` bytes
-of JSON ``{"name": …, "source": …, "argv": […]}``, so no other user of the host sees it
+of JSON ``{"name": …, "source": …, "argv": […], "modules": {name: source}}``, so no other user of the host sees it
 in ``/proc/PID/cmdline`` and no size limit of the kernel's argument list applies.
 
 It reads exactly the frame (unbuffered reads of descriptor 0), so whatever follows on
@@ -42,8 +42,18 @@ def _frame():
     return json.loads(_read_exactly(int(head)).decode("utf-8"))
 
 
+def _install(modules):
+    """The modules shipped with the program (``SHIPS_WITH``), importable by their names."""
+    import types
+    for name, text in sorted(modules.items()):
+        module = types.ModuleType(name)
+        exec(compile(text, "<fabfleet %s>" % name, "exec"), module.__dict__)
+        sys.modules[name] = module
+
+
 if __name__ == "__main__":
     _program = _frame()
+    _install(_program.get("modules") or {})
     sys.argv = ["-c"] + _program["argv"] + sys.argv[2:]  # [1] is the label `ps` shows
     _code = compile(_program["source"], "<fabfleet %s>" % _program["name"], "exec")
     del _program

@@ -3,36 +3,31 @@
 Started as a detached job (``python queue_app.py QUEUE_DIR``) by
 :mod:`fabfleet.fleet.queue`. ``QUEUE_DIR`` (``<work_dir>/.queues/<name>/<host>``, 0700)
 holds ``tasks.json`` (the host's share of the tasks and the run spec they share),
-``runner.py`` and ``boot.py`` (the sources every run uses); the drainer writes
+``runner.py``, ``boot.py`` (the sources every run uses) and ``fabfleet_gpus.py``; the drainer writes
 ``state/<index>.json`` atomically when it starts a task, and ends when every task has
 started (or ``cancel`` appears).
 
-A GPU is free when nvidia-smi lists no compute process on it that is not one of this
-queue's tasks' (anyone else's, another queue's), its used memory is under
-``max_memory_mib`` (processes hidden by containers), it is allowed by the inventory
-(``gpus``), and one of its ``tasks_per_gpu`` lock files can be locked. The locks
-(``/tmp/fabfleet-gpu-locks/<uuid>.<slot>``, ``flock``) are machine-wide, shared by every
-user of fabfleet, and passed to the task's runner: the kernel releases them when the
-runner ends, which is when the task and its leftovers have stopped — never while the task
-could still use the GPU, even if the drainer is killed.
+Which GPUs are free and their machine-wide locks are :mod:`fabfleet.hostside.gpus`'s
+(handed over as ``fabfleet_gpus.py``; this queue's own tasks do not make a GPU busy). A
+task's locks are passed to its runner: the kernel releases them when the runner ends,
+which is when the task and its leftovers have stopped — never while the task could still
+use the GPU, even if the drainer is killed.
 
 Each task is an ordinary fabfleet run (``jobs``, ``logs``, ``kill`` work on it), with
 ``CUDA_VISIBLE_DEVICES`` (its GPUs' UUIDs), ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
 ``FABFLEET_QUEUE`` and ``FABFLEET_TASK_INDEX`` in its environment.
 """
 
-import errno
-import fcntl
 import json
 import os
 import secrets
 import socket
-import stat
 import subprocess
 import sys
 import time
 
-LOCK_DIR = "/tmp/fabfleet-gpu-locks"
+SHIPS_WITH = ("gpus",)  # as fabfleet_gpus.py in the queue dir (see fabfleet.fleet.queue)
+fabfleet_gpus = None
 
 
 def read_json(path):
@@ -54,85 +49,6 @@ def write_atomic(path, data):
 def log(message):
     sys.stdout.write("%s %s\n" % (time.strftime("%H:%M:%S"), message))
     sys.stdout.flush()
-
-
-# -- GPUs -------------------------------------------------------------------------------
-def smi(query, fields):
-    try:
-        p = subprocess.run(["nvidia-smi", "--query-%s=%s" % (query, fields),
-                            "--format=csv,noheader,nounits"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        log("nvidia-smi failed: %s" % exc)
-        return None
-    if p.returncode != 0:
-        log("nvidia-smi exited %d: %s" % (p.returncode, p.stderr.strip()[-200:]))
-        return None
-    return [[c.strip() for c in line.split(",")] for line in p.stdout.splitlines() if line.strip()]
-
-
-def ours(pid, queue):
-    """Whether a GPU process is one of this queue's tasks (its environment says so; a
-    process we may not read is someone else's)."""
-    try:
-        with open("/proc/%s/environ" % pid, "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
-        return False
-    return ("FABFLEET_QUEUE=%s" % queue).encode() in env
-
-
-def free_gpus(host, queue):
-    """``[(index, uuid)]`` of the GPUs a task may take now, in index order; ``None`` when
-    nvidia-smi cannot be read (then nothing is placed)."""
-    gpus = smi("gpu", "index,uuid,memory.used")
-    apps = smi("compute-apps", "gpu_uuid,pid")
-    if gpus is None or apps is None:
-        return None
-    busy = {uuid for uuid, pid in apps if not ours(pid, queue)}
-    allowed = host.get("gpus", "all")
-    limit = host.get("max_memory_mib", 1024)
-    out = []
-    for index, uuid, used in gpus:
-        if allowed != "all" and index not in map(str, allowed) and uuid not in allowed:
-            continue
-        if uuid in busy or (used.isdigit() and int(used) > limit and not any(
-                u == uuid and ours(p, queue) for u, p in apps)):
-            continue
-        out.append((int(index), uuid))
-    return sorted(out)
-
-
-def lock_dir():
-    """The machine-wide lock dir: sticky and world-writable, like /tmp (made if missing;
-    refused if someone made it otherwise)."""
-    try:
-        os.mkdir(LOCK_DIR, 0o1777)
-        os.chmod(LOCK_DIR, 0o1777)
-    except OSError as exc:
-        if exc.errno != errno.EEXIST:
-            raise
-    st = os.lstat(LOCK_DIR)
-    if not stat.S_ISDIR(st.st_mode) or not st.st_mode & stat.S_ISVTX:
-        raise SystemExit("%s is not a sticky directory: refusing to use it" % LOCK_DIR)
-    return LOCK_DIR
-
-
-def try_lock(uuid, slots):
-    """A locked fd on one of the GPU's ``slots`` lock files, or None."""
-    d = lock_dir()
-    for slot in range(slots):
-        path = os.path.join(d, "%s.%d" % (uuid, slot))
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError:
-            continue  # another user's file we may not open: taken
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError:
-            os.close(fd)
-    return None
 
 
 # -- runs -------------------------------------------------------------------------------
@@ -171,6 +87,9 @@ def start(qdir, cfg, task, gpus, fds):
 
 def main(qdir):
     qdir = os.path.abspath(os.path.expanduser(qdir))
+    global fabfleet_gpus
+    sys.path.insert(0, qdir)  # ours alone (0700): the GPU module handed over with the queue
+    import fabfleet_gpus
     cfg = read_json(os.path.join(qdir, "tasks.json"))
     host, per = cfg["host"], int(cfg["gpus_per_task"])
     os.makedirs(os.path.join(qdir, "state"), mode=0o700, exist_ok=True)
@@ -194,17 +113,11 @@ def main(qdir):
                 time.sleep(1)
                 continue
         else:
-            free = free_gpus(host, cfg["name"])
-            for index, uuid in free or []:
-                fd = try_lock(uuid, int(host.get("tasks_per_gpu") or 1))
-                if fd is not None:
-                    fds.append(fd)
-                    gpus.append((index, uuid))
-                if len(gpus) == per:
-                    break
-            if len(gpus) < per:  # not enough free GPUs now: let go, look again soon
-                for fd in fds:
-                    os.close(fd)
+            gpus, fds = fabfleet_gpus.claim(per, host.get("gpus", "all"),
+                                            int(host.get("tasks_per_gpu") or 1),
+                                            int(host.get("max_memory_mib", 1024)),
+                                            owner="FABFLEET_QUEUE=%s" % cfg["name"])
+            if not gpus:  # not enough free GPUs now: look again soon
                 time.sleep(1)
                 continue
         run_id = start(qdir, cfg, task, gpus, fds)

@@ -257,8 +257,34 @@ def load_cloudpickle(chan, want, cache):
     return cloudpickle
 
 
+SHIPS_WITH = ("gpus",)  # travels as fabfleet_gpus (see fabfleet.ssh.launch)
+_gpu_lock = []  # the descriptor holding this worker's GPU, for the worker's lifetime
+
+
+def pin_gpu(options):
+    """On a host with GPUs, hold one free GPU for this worker's lifetime (the queue's
+    machine-wide lock) and make it the only one CUDA sees. ``(uuid or None, busy)``:
+    ``busy`` when the host has GPUs but none is free."""
+    import shutil
+    if shutil.which("nvidia-smi") is None:
+        return None, False
+    import fabfleet_gpus
+    gpus = fabfleet_gpus.smi("gpu", "index,uuid")
+    if not gpus:
+        return None, False  # no GPU, or nvidia-smi fails: nothing to pin
+    got, fds = fabfleet_gpus.claim(1, options.get("allowed", "all"), options.get("slots", 1),
+                                   options.get("max_memory_mib", 1024))
+    if not got:
+        return None, True
+    _gpu_lock.extend(fds)
+    os.environ["CUDA_VISIBLE_DEVICES"] = got[0][1]
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return got[0][1], False
+
+
 def main(argv):
     want, cache = argv[0], os.path.expanduser(argv[1])
+    gpu, gpu_busy = pin_gpu(json.loads(argv[3]) if len(argv) > 3 else {})
     try:  # lead a process group of our own: what kill_group_and_exit kills is ours alone
         if os.getpgid(0) != os.getpid():
             os.setpgid(0, 0)
@@ -276,7 +302,7 @@ def main(argv):
     chan.send(HELLO, 0, json.dumps({
         "python": list(sys.version_info[:3]), "implementation": platform.python_implementation(),
         "executable": sys.executable, "pid": os.getpid(),
-        "cloudpickle": cloudpickle.__version__}).encode())
+        "cloudpickle": cloudpickle.__version__, "gpu": gpu, "gpu_busy": gpu_busy}).encode())
 
     state = State()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..config.inventory import Host
-from ..hostside import boot
+from ..hostside import boot, gpus
 from . import shell
 
 
@@ -31,11 +31,23 @@ def source(module: ModuleType) -> str:
 
 
 def frame(module: ModuleType, args: Sequence[str]) -> bytes:
-    """What :mod:`fabfleet.hostside.boot` reads on stdin: the program's source and its
-    arguments, as one length-prefixed JSON frame."""
+    """What :mod:`fabfleet.hostside.boot` reads on stdin: the program's source, its
+    arguments and the modules it ships with, as one length-prefixed JSON frame."""
     name = module.__name__.rsplit(".", 1)[-1]
-    body = json.dumps({"name": name, "source": source(module), "argv": list(args)}).encode()
+    body = json.dumps({"name": name, "source": source(module), "argv": list(args),
+                       "modules": shipped_with(module)}).encode()
     return b"%d\n" % len(body) + body
+
+
+def shipped_with(module: ModuleType) -> dict[str, str]:
+    """``{"fabfleet_NAME": source}`` for the host-side modules ``module`` names in its
+    ``SHIPS_WITH``: they travel in its frame and import as ``fabfleet_NAME`` there."""
+    return {f"fabfleet_{name}": source(SHIPPABLE[name])
+            for name in getattr(module, "SHIPS_WITH", ())}
+
+
+#: Host-side modules other host-side programs may ship with (``SHIPS_WITH``).
+SHIPPABLE = {"gpus": gpus}
 
 
 def python_command(host: Host, module: ModuleType, args: Sequence[str] = (), *,
