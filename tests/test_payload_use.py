@@ -262,11 +262,13 @@ def test_killed_client_leaves_no_remote_worker(fleet, inv, tmp_path):
     proc = subprocess.Popen([sys.executable, str(s)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     seen = set()
-    while len(seen) < 3:  # ws1 (1 slot) + gpu1 (2 slots)
+    # ws1 (1 slot) + gpu1 (2 slots, but one free GPU: its second A100 is nearly full,
+    # and each worker on a GPU host holds a GPU of its own)
+    while len(seen) < 2:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
         seen.add(line)
-    assert workers_on(inv, "ws1") == 1 and workers_on(inv, "gpu1") == 2
+    assert wait_until(lambda: workers_on(inv, "ws1") == 1 and workers_on(inv, "gpu1") == 1, 10)
     proc.kill()
     proc.wait()
     assert wait_until(lambda: workers_on(inv, "ws1") + workers_on(inv, "gpu1") == 0, 10)
