@@ -93,10 +93,14 @@ def status(fleet, proj, name) -> dict:
     return json.loads(r.stdout)
 
 
-def wait_done(fleet, proj, name, timeout=120) -> dict:
+def wait_done(fleet, proj, name, timeout=120, hosts=GPU_HOSTS) -> dict:
+    """queue-status (which moves waiting tasks to free GPUs) until no task waits or runs."""
     deadline = time.monotonic() + timeout
     while True:
-        doc = status(fleet, proj, name)
+        r = fleet.cli("queue-status", name, "-H", ",".join(hosts), "--json",
+                      inventory=fleet.inventory_path, cwd=proj)
+        assert r.returncode == 0, r.stdout + r.stderr
+        doc = json.loads(r.stdout)
         if not any(t["state"] in ("queued", "running") for t in doc["tasks"]):
             return doc
         assert time.monotonic() < deadline, doc
@@ -213,9 +217,10 @@ def test_cancel_stops_running_tasks_and_starts_no_more(fleet, gpus, qproj):
     r = fleet.cli("queue-cancel", name, "-H", ",".join(GPU_HOSTS), "--json",
                   inventory=fleet.inventory_path, cwd=qproj)
     assert r.returncode == 0, r.stdout + r.stderr
-    time.sleep(2)
-    doc = status(fleet, qproj, name)
-    assert {t["state"] for t in doc["tasks"]} == {"cancelled"}, doc
+    deadline = time.monotonic() + 15  # each running task's group: SIGTERM, then SIGKILL
+    while {t["state"] for t in (doc := status(fleet, qproj, name))["tasks"]} != {"cancelled"}:
+        assert time.monotonic() < deadline, doc
+        time.sleep(0.5)
     for h in GPU_HOSTS:
         assert "fake-gpu-hold" not in sh(fleet, h, "ps -eo args")
 
@@ -230,15 +235,7 @@ def test_a_leftover_child_holding_its_gpu_is_stopped(fleet, gpus, qproj):
     r = fleet.cli("queue-submit", "-H", "ws1", "left.txt", "--name", f"q-{tag}",
                   inventory=fleet.inventory_path, cwd=qproj)
     assert r.returncode == 0, r.stdout + r.stderr
-    deadline = time.monotonic() + 60
-    while True:
-        r = fleet.cli("queue-status", f"q-{tag}", "-H", "ws1", "--json",
-                      inventory=fleet.inventory_path, cwd=qproj)
-        doc = json.loads(r.stdout)
-        if all(t["state"] not in ("queued", "running") for t in doc["tasks"]):
-            break
-        assert time.monotonic() < deadline, doc
-        time.sleep(1)
+    doc = wait_done(fleet, qproj, f"q-{tag}", 60, hosts=("ws1",))
     assert [t["state"] for t in doc["tasks"]] == ["exited"] * 4, doc
     assert "fake-gpu-hold 100" not in sh(fleet, "ws1", "ps -eo args")
 
@@ -286,3 +283,54 @@ def test_map_over_gpu_hosts_never_shares_a_gpu(fleet, gpus, tmp_path):
     runs = [("?", u, o, s, e) for _, u, o, s, e in out]
     assert_no_overlap(runs)
     assert len({u for _, u, *_ in out}) == 4  # all four GPUs were used
+
+
+def test_waiting_tasks_move_to_a_host_whose_gpus_are_free(fleet, gpus, qproj):
+    """Every GPU is held when the queue is submitted (an even split); ws2's come free
+    soon, ws1's much later: queue-status moves ws1's waiting tasks to ws2, each runs once."""
+    holders = []
+    for h, seconds in (("ws1", 40), ("ws2", 4)):
+        uuids = ",".join(g["uuid"] for g in gpus[h])
+        holders.append(subprocess.Popen(["docker", "exec", "-e", f"CUDA_VISIBLE_DEVICES={uuids}",
+                                         fleet.container(h), "fake-gpu-hold", "2000",
+                                         str(seconds)]))
+    try:
+        time.sleep(1)
+        tag = secrets.token_hex(3)
+        name = submit(fleet, qproj, tag, 6, 1)
+        first = status(fleet, qproj, name)
+        assert sorted({t["host"] for t in first["tasks"]}) == ["ws1", "ws2"]
+        # queue-status (rebalancing), as a user back at the laptop would run it
+        doc = wait_done(fleet, qproj, name, 30)
+        assert all(t["state"] == "exited" for t in doc["tasks"]), doc
+        assert sorted(t["index"] for t in doc["tasks"]) == list(range(6))  # each once
+        assert {t["host"] for t in doc["tasks"]} == {"ws2"}
+        runs = log_of(fleet, tag)
+        assert len(runs) == 6 and {r[0] for r in runs} == {"ws2"}
+        assert_no_overlap(runs)
+    finally:
+        for p in holders:
+            p.kill()
+
+
+def test_a_process_that_escaped_its_task_and_holds_the_gpu_is_stopped(fleet, gpus, qproj):
+    """A task's child leaves its process group (setsid) and keeps the GPU after the task
+    ends: no task is put on that GPU while it holds it; the drainer stops it and
+    queue-status reports it."""
+    tag = secrets.token_hex(3)
+    (qproj / "escape.txt").write_text(
+        "sh -c 'setsid fake-gpu-hold 100 300 > /dev/null 2>&1 & sleep 0.5'\n"
+        + f"sh task.sh {tag} 1\n" * 3)
+    name = f"q-{tag}"
+    r = fleet.cli("queue-submit", "-H", "ws1", "escape.txt", "--name", name,
+                  "--gpus-per-task", "2", inventory=fleet.inventory_path, cwd=qproj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = wait_done(fleet, qproj, name, 60, hosts=("ws1",))
+    assert all(t["state"] == "exited" for t in doc["tasks"]), doc
+    assert [x["run_id"] for x in doc["leftovers"]] == [doc["tasks"][0]["run_id"]] * 2 or \
+        {x["run_id"] for x in doc["leftovers"]} == {doc["tasks"][0]["run_id"]}, doc
+    assert "fake-gpu-hold 100 300" not in sh(fleet, "ws1", "ps -eo args")
+    first_end = float(sh(fleet, "ws1", "stat -c %Y ~/fabfleet/.runs/qproj/"
+                         f"{doc['tasks'][0]['run_id']}/exit_code").strip())
+    runs = log_of(fleet, tag)
+    assert len(runs) == 3 and all(start >= first_end + 1 for *_, start, _ in runs)

@@ -322,7 +322,8 @@ def _queue(c, name, host, group):
 
 def _queue_report(state, as_json: bool) -> None:
     if as_json:
-        _json({"name": state["name"], "tasks": state["tasks"], "hosts": state["hosts"]})
+        _json({"name": state["name"], "tasks": state["tasks"], "hosts": state["hosts"],
+               "leftovers": state["leftovers"]})
         return
     render.show(render.table(f"queue {state['name']}",
                              ["task", "host", "state", "exit", "gpus", "seconds", "run id",
@@ -336,6 +337,9 @@ def _queue_report(state, as_json: bool) -> None:
     for host, error in state["hosts"].items():
         if error:
             render.say(f"{host}: not asked: {error}", mark="!")
+    for x in state["leftovers"]:
+        render.say(f"{x['host']}: pid {x['pid']}, left behind by {x['run_id']}, still held "
+                   f"{x['gpu']} after its task ended: stopped", mark="!")
 
 
 _QUEUE_HELP = {"name": "the queue's name (queue-submit printed it)",
@@ -343,10 +347,16 @@ _QUEUE_HELP = {"name": "the queue's name (queue-submit printed it)",
                "group": "only this inventory group", "json": "print JSON"}
 
 
-@fleet_task(help=_QUEUE_HELP)
-def queue_status(c, name, host=None, group=None, json_=False):
-    """Each task of a queue: host, GPUs, state, exit code, run id (logs/kill work on it)."""
-    _queue_report(_queue(c, name, host, group).status(), json_)
+@fleet_task(help={**_QUEUE_HELP, "no_rebalance": "do not move waiting tasks to hosts "
+                                                  "with free GPUs first"})
+def queue_status(c, name, host=None, group=None, json_=False, no_rebalance=False):
+    """Each task of a queue: host, GPUs, state, exit code, run id (logs/kill work on it).
+    Tasks still waiting on a busy host move to hosts of the queue with free GPUs first."""
+    queue = _queue(c, name, host, group)
+    moved = 0 if no_rebalance else queue.rebalance()
+    if moved and not json_:
+        render.say(f"moved {moved} waiting task(s) to hosts with free GPUs", mark="!")
+    _queue_report(queue.status(), json_)
 
 
 @fleet_task(help=_QUEUE_HELP)

@@ -96,7 +96,7 @@ class Queue:
         return self._merge(results)
 
     def _merge(self, results) -> dict:
-        tasks, hosts = [], {}
+        tasks, hosts, leftovers = [], {}, []
         for name, o in results.items():
             if not o.ok:
                 hosts[name] = str(o.error)
@@ -106,10 +106,49 @@ class Queue:
             hosts[name] = None
             for t in o.value["tasks"]:
                 tasks.append(dict(t, host=name, drainer=o.value["drainer"]))
+            leftovers += [dict(x, host=name) for x in o.value.get("leftovers") or []]
         if not tasks and not any(hosts.values()):
             raise LocalError(f"no queue {self.name!r} on these hosts")
         tasks.sort(key=lambda t: t["index"])
-        return {"name": self.name, "tasks": tasks, "hosts": hosts}
+        return {"name": self.name, "tasks": tasks, "hosts": hosts, "leftovers": leftovers}
+
+    def rebalance(self) -> int:
+        """Move tasks that have not started from hosts where they wait to hosts of the
+        queue with free GPUs (their drainers say how many, every second); the number
+        moved. A task is claimed on its host before it moves (the same exclusive claim
+        its drainer makes before starting it), so it runs exactly once."""
+        results = self._ask()
+        reports = {n: o.value for n, o in results.items() if o.ok and o.value}
+        per = max([r["gpus_per_task"] for r in reports.values()] or [0])
+        if not per:
+            return 0
+        waiting = {n: sum(t["state"] == "queued" for t in r["tasks"]) for n, r in reports.items()}
+        room = {n: (r["free_gpus"] or 0) // per for n, r in reports.items()
+                if waiting[n] == 0 and r["free_gpus"] is not None}
+        moved = 0
+        for receiver, capacity in sorted(room.items(), key=lambda kv: -kv[1]):
+            while capacity > 0:
+                donor = max(waiting, key=lambda n: waiting[n])
+                if waiting[donor] <= 0 or donor == receiver:
+                    break
+                count = min(capacity, waiting[donor])
+                src = next(h for h in self.hosts if h.name == donor)
+                dst = next(h for h in self.hosts if h.name == receiver)
+                with connect(src) as c:
+                    taken = queue_state(c, _queues_root(src), self.name, take=count,
+                                        to=receiver)["taken"]
+                if not taken:
+                    waiting[donor] = 0
+                    continue
+                with connect(dst) as c:
+                    report = queue_state(c, _queues_root(dst), self.name, add=taken)
+                    if not report["drainer"]:
+                        _start_drainer(c, f"{_queues_root(dst)}/{self.name}",
+                                       report.get("project") or "", self.name)
+                waiting[donor] -= len(taken)
+                capacity -= len(taken)
+                moved += len(taken)
+        return moved
 
     def wait(self, timeout: float | None = None, poll: float = 2.0) -> dict:
         """Until no task is queued or running; the final status. CommandError past
@@ -201,11 +240,9 @@ def submit(hosts: Sequence[Host], tasks: Sequence[str | Sequence[str]], *,
     # Every GPU busy now: spread evenly; the tasks start as GPUs free up.
     share = spread(dict(ready.succeeded), len(vectors))
 
-    def hand(c):
+    def hand(c):  # every host gets the queue (its share may be empty: it can take more)
         host = c.fleet_host
         indices = share[host.name]
-        if not indices:
-            return None
         lay = layout(host, project.name)
         qdir = f"{_queues_root(host)}/{name}"
         cfg = {"name": name, "gpus_per_task": gpus_per_task,

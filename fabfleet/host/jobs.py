@@ -174,11 +174,14 @@ def list_jobs(c, project: str | None = None) -> list[dict]:
 
 
 def queue_state(c, queues_root: str, name: str, *, cancel: bool = False,
-                retry: bool = False) -> dict | None:
+                retry: bool = False, take: int = 0, to: str | None = None,
+                add: list[dict] | None = None) -> dict | None:
     """Queue ``name``'s tasks on the host behind ``c`` (``None``: it holds none), after
-    cancelling it or putting its failed and lost tasks back (one round trip)."""
+    cancelling it, putting its failed and lost tasks back, or adding ``add`` (tasks moved
+    here); with ``take``, instead claims up to that many not-started tasks for host
+    ``to`` and returns ``{"taken": [task, …]}`` (one round trip)."""
     spec = {"queues_root": queues_root, "name": name, "cancel": cancel, "retry": retry,
-            "grace": STOP_GRACE}
+            "grace": STOP_GRACE, "take": take, "to": to, "add": add or []}
     report, _ = _remote(c, "queue", spec, action=f"read queue {name}",
                         timeout=QUICK_COMMAND + STOP_GRACE)
     return None if report.get("absent") else report

@@ -1,4 +1,5 @@
-"""On the host: which GPUs are free, and the machine-wide lock that keeps one task on one.
+"""On the host: which GPUs are free, the machine-wide lock that keeps one task on one, and
+the exclusive claim that makes a queued task start exactly once.
 
 Shipped with the programs that place work on GPUs (the queue's drainer, payload workers)
 under the name ``fabfleet_gpus`` (see ``SHIPS_WITH`` in :mod:`fabfleet.ssh.launch`). GPU
@@ -46,6 +47,31 @@ def held_by(pid, owner):
     return owner.encode() in env
 
 
+def environ(pid):
+    """A process's environment (``None`` when we may not read it: someone else's)."""
+    try:
+        with open("/proc/%s/environ" % pid, "rb") as f:
+            raw = f.read().split(b"\0")
+    except OSError:
+        return None
+    return dict(e.decode("utf-8", "replace").split("=", 1) for e in raw if b"=" in e)
+
+
+def leftovers(owner, runs):
+    """``[(uuid, pid, run_id)]``: GPU processes of ``owner`` (``NAME=VALUE`` in their
+    environment) whose run (``runs/<FABFLEET_RUN_ID>``) has ended — escaped from the
+    task's process group, still holding its GPU."""
+    name, _, value = owner.partition("=")
+    out = []
+    for uuid, pid in smi("compute-apps", "gpu_uuid,pid") or []:
+        env = environ(pid) or {}
+        run_id = env.get("FABFLEET_RUN_ID", "")
+        if env.get(name) == value and run_id and "/" not in run_id and \
+                os.path.exists(os.path.join(runs, run_id, "exit_code")):
+            out.append((uuid, int(pid), run_id))
+    return out
+
+
 def free_gpus(allowed="all", max_memory_mib=1024, owner=None):
     """``[(index, uuid)]`` of the free GPUs, by index; ``None`` when nvidia-smi cannot
     be read."""
@@ -53,6 +79,7 @@ def free_gpus(allowed="all", max_memory_mib=1024, owner=None):
     apps = smi("compute-apps", "gpu_uuid,pid")
     if gpus is None or apps is None:
         return None
+    # ``owner``'s own processes leave a GPU free only where tasks may share it
     mine = {u for u, pid in apps if owner and held_by(pid, owner)}
     busy = {u for u, pid in apps if not (owner and held_by(pid, owner))}
     out = []
@@ -113,3 +140,15 @@ def claim(count, allowed="all", slots=1, max_memory_mib=1024, owner=None):
     for fd in fds:
         os.close(fd)
     return [], []
+
+
+def claim_task(qdir, index):
+    """Take queued task ``index`` for good (``O_EXCL`` on ``state/<index>.claim``): the
+    drainer before starting it, or a mover handing it to another host — whoever comes
+    first; never both."""
+    try:
+        os.close(os.open(os.path.join(qdir, "state", "%d.claim" % index),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except OSError:
+        return False

@@ -1,11 +1,13 @@
 """On the host: a queue's drainer, running its tasks on free GPUs without the laptop.
 
 Started as a detached job (``python queue_app.py QUEUE_DIR``) by
-:mod:`fabfleet.fleet.queue`. ``QUEUE_DIR`` (``<work_dir>/.queues/<name>/<host>``, 0700)
+:mod:`fabfleet.fleet.queue`. ``QUEUE_DIR`` (``<work_dir>/.queues/<name>``, 0700)
 holds ``tasks.json`` (the host's share of the tasks and the run spec they share),
-``runner.py``, ``boot.py`` (the sources every run uses) and ``fabfleet_gpus.py``; the drainer writes
-``state/<index>.json`` atomically when it starts a task, and ends when every task has
-started (or ``cancel`` appears).
+``runner.py``, ``boot.py`` (the sources every run uses) and ``fabfleet_gpus.py``. The
+drainer claims a task (``fabfleet_gpus.claim_task``, exclusive) before it starts it, writes
+``state/<index>.json`` when it has, keeps ``free.json`` (how many GPUs are free here,
+for a mover) current, re-reads ``tasks.json`` (a mover may add tasks), and ends when
+every task has run (or ``cancel`` appears).
 
 Which GPUs are free and their machine-wide locks are :mod:`fabfleet.hostside.gpus`'s
 (handed over as ``fabfleet_gpus.py``; this queue's own tasks do not make a GPU busy). A
@@ -21,6 +23,7 @@ Each task is an ordinary fabfleet run (``jobs``, ``logs``, ``kill`` work on it),
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +88,12 @@ def start(qdir, cfg, task, gpus, fds):
     return run_id
 
 
+def note_leftover(qdir, record):
+    path = os.path.join(qdir, "leftovers.json")
+    found = read_json(path) or []
+    write_atomic(path, found + [record])
+
+
 def main(qdir):
     qdir = os.path.abspath(os.path.expanduser(qdir))
     global fabfleet_gpus
@@ -93,19 +102,38 @@ def main(qdir):
     cfg = read_json(os.path.join(qdir, "tasks.json"))
     host, per = cfg["host"], int(cfg["gpus_per_task"])
     os.makedirs(os.path.join(qdir, "state"), mode=0o700, exist_ok=True)
-    started = {}  # index -> (run_id, run_dir)
+    started = {}  # index -> run dir
     log("queue %s: %d tasks, %d GPU(s) each" % (cfg["name"], len(cfg["tasks"]), per))
     while True:
         if os.path.exists(os.path.join(qdir, "cancel")):
             log("cancelled")
             return
-        pending = [t for t in cfg["tasks"]
-                   if not os.path.exists(os.path.join(qdir, "state", "%d.json" % t["index"]))]
-        if not pending:
-            log("every task has started")
-            return
-        running = sum(1 for rid, rdir in started.values()
+        cfg = read_json(os.path.join(qdir, "tasks.json")) or cfg  # tasks may be added
+        running = sum(1 for rdir in started.values()
                       if not os.path.exists(os.path.join(rdir, "exit_code")))
+        free = fabfleet_gpus.free_gpus(host.get("gpus", "all"),
+                                       int(host.get("max_memory_mib", 1024))) if per else None
+        write_atomic(os.path.join(qdir, "free.json"), {
+            "free": None if free is None else len(free), "running": running, "at": time.time()})
+        stray = fabfleet_gpus.leftovers("FABFLEET_QUEUE=%s" % cfg["name"],
+                                        os.path.expanduser(cfg["spec"]["runs"])) if per else []
+        for uuid, pid, run_id in stray:  # its task ended, it still holds the GPU: stop it
+            log("stopping pid %d: left behind by %s, still holding %s" % (pid, run_id, uuid))
+            note_leftover(qdir, {"pid": pid, "run_id": run_id, "gpu": uuid, "at": time.time()})
+            try:
+                os.kill(pid, signal.SIGTERM)
+                time.sleep(2)
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        pending = [t for t in cfg["tasks"] if not os.path.exists(
+            os.path.join(qdir, "state", "%d.claim" % t["index"]))]
+        if not pending:
+            if not running:  # stay while tasks run: a mover reads our free GPUs
+                log("every task has run")
+                return
+            time.sleep(1)
+            continue
         task = pending[0]
         fds, gpus = [], []
         if per == 0:
@@ -113,13 +141,18 @@ def main(qdir):
                 time.sleep(1)
                 continue
         else:
-            gpus, fds = fabfleet_gpus.claim(per, host.get("gpus", "all"),
-                                            int(host.get("tasks_per_gpu") or 1),
+            slots = int(host.get("tasks_per_gpu") or 1)
+            gpus, fds = fabfleet_gpus.claim(per, host.get("gpus", "all"), slots,
                                             int(host.get("max_memory_mib", 1024)),
-                                            owner="FABFLEET_QUEUE=%s" % cfg["name"])
+                                            owner="FABFLEET_QUEUE=%s" % cfg["name"]
+                                            if slots > 1 else None)
             if not gpus:  # not enough free GPUs now: look again soon
                 time.sleep(1)
                 continue
+        if not fabfleet_gpus.claim_task(qdir, task["index"]):  # moved to another host
+            for fd in fds:
+                os.close(fd)
+            continue
         run_id = start(qdir, cfg, task, gpus, fds)
         for fd in fds:
             os.close(fd)  # the task's runner holds them now
@@ -127,8 +160,7 @@ def main(qdir):
                   "started": time.time(), "state": "running" if run_id else "failed"}
         write_atomic(os.path.join(qdir, "state", "%d.json" % task["index"]), record)
         if run_id:
-            started[task["index"]] = (run_id, "%s/%s" % (os.path.expanduser(
-                cfg["spec"]["runs"]), run_id))
+            started[task["index"]] = "%s/%s" % (os.path.expanduser(cfg["spec"]["runs"]), run_id)
             log("task %d on %s: %s" % (task["index"], ",".join(u for _, u in gpus) or "cpu",
                                        run_id))
 

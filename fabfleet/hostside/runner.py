@@ -30,6 +30,7 @@ import threading
 import time
 
 ISOLATED = True  # run with `python -I`: nothing of the user's (cwd, user site) is imported
+SHIPS_WITH = ("gpus",)  # as fabfleet_gpus: a queue's task claims (see cmd_queue)
 ERROR = "\x1efabfleet-error: "
 REPORT = "\x1efabfleet-report: "
 RUNNER_FAILED = 95
@@ -471,9 +472,12 @@ def queue_report(qdir):
         runs, drainer["run_id"])) and job_status(os.path.join(
             runs, drainer["run_id"]))["status"] == "running"
     cancelled = os.path.exists(os.path.join(qdir, "cancel"))
-    tasks = []
+    tasks, moved = [], 0
     for task in cfg["tasks"]:
         rec = read_json(os.path.join(qdir, "state", "%d.json" % task["index"])) or {}
+        if rec.get("state") == "moved":  # handed to another host: reported there
+            moved += 1
+            continue
         out = {"index": task["index"], "command": task["display"], "gpus": rec.get("gpus", []),
                "run_id": rec.get("run_id"), "exit_code": None, "seconds": None,
                "started": rec.get("started")}
@@ -489,8 +493,12 @@ def queue_report(qdir):
                 "cancelled" if st["status"] == "killed" and cancelled else
                 "exited" if st["exit_code"] == 0 else "failed")
         tasks.append(out)
+    free = read_json(os.path.join(qdir, "free.json")) or {}
     return {"name": cfg["name"], "drainer": alive, "cancelled": cancelled, "tasks": tasks,
-            "gpus_per_task": cfg["gpus_per_task"], "project": cfg["spec"].get("project")}
+            "gpus_per_task": cfg["gpus_per_task"], "project": cfg["spec"].get("project"),
+            "moved": moved, "free_gpus": free.get("free"),
+            "leftovers": read_json(os.path.join(qdir, "leftovers.json")) or [],
+            "free_age": time.time() - free["at"] if free.get("at") else None}
 
 
 def cmd_queue(spec):
@@ -513,13 +521,41 @@ def cmd_queue(spec):
                     write_atomic(os.path.join(runs, task["run_id"], "killed"), json.dumps(
                         {"signal": "SIGTERM", "at": time.time()}))
                     signal_group(job["pgid"], signal.SIGTERM, float(spec.get("grace", 2)))
+    if spec.get("take"):  # hand not-started tasks to another host: claimed first
+        import fabfleet_gpus  # shipped with us (SHIPS_WITH): the drainer's own claim
+        cfg = read_json(os.path.join(qdir, "tasks.json"))
+        taken = []
+        for task in reversed(cfg["tasks"]):
+            if len(taken) >= int(spec["take"]):
+                break
+            if fabfleet_gpus.claim_task(qdir, task["index"]):
+                write_atomic(os.path.join(qdir, "state", "%d.json" % task["index"]),
+                             json.dumps({"index": task["index"], "state": "moved",
+                                         "to": spec.get("to")}))
+                taken.append(task)
+        sys.stdout.write(REPORT + json.dumps({"taken": taken}) + "\n")
+        return
+    if spec.get("add"):  # tasks handed over from another host
+        path = os.path.join(qdir, "tasks.json")
+        cfg = read_json(path)
+        have = {t["index"] for t in cfg["tasks"]}
+        for task in spec["add"]:
+            if task["index"] not in have:
+                cfg["tasks"].append(task)
+                for name in ("%d.claim" % task["index"], "%d.json" % task["index"]):
+                    try:  # it may have been here before, and moved away
+                        os.unlink(os.path.join(qdir, "state", name))
+                    except OSError:
+                        pass
+        write_atomic(path, json.dumps(cfg))
     if spec.get("retry"):
         for task in queue_report(qdir)["tasks"]:
             if task["state"] in ("failed", "lost"):
-                try:
-                    os.unlink(os.path.join(qdir, "state", "%d.json" % task["index"]))
-                except OSError:
-                    pass
+                for name in ("%d.json" % task["index"], "%d.claim" % task["index"]):
+                    try:
+                        os.unlink(os.path.join(qdir, "state", name))
+                    except OSError:
+                        pass
         try:
             os.unlink(os.path.join(qdir, "cancel"))
         except OSError:
