@@ -218,7 +218,10 @@ def test_cancel_stops_running_tasks_and_starts_no_more(fleet, gpus, qproj):
                   inventory=fleet.inventory_path, cwd=qproj)
     assert r.returncode == 0, r.stdout + r.stderr
     deadline = time.monotonic() + 15  # each running task's group: SIGTERM, then SIGKILL
-    while {t["state"] for t in (doc := status(fleet, qproj, name))["tasks"]} != {"cancelled"}:
+    while True:
+        doc = status(fleet, qproj, name)
+        if {t["state"] for t in doc["tasks"]} == {"cancelled"}:
+            break
         assert time.monotonic() < deadline, doc
         time.sleep(0.5)
     for h in GPU_HOSTS:
