@@ -341,6 +341,11 @@ def check_python(host: Host, hello: Hello) -> None:
 SESSIONS_PER_CONNECTION = 8
 
 
+#: After a GPU host said none of its GPUs is free for one more worker, this many seconds
+#: pass before the pool asks again (meanwhile its calls wait for its own workers).
+GPUS_FULL_RECHECK = 30.0
+
+
 class HostPool:
     """Connections and up to ``max_jobs`` workers for one host (and project): at most
     :data:`SESSIONS_PER_CONNECTION` workers share a connection, so any ``max_jobs``
@@ -356,6 +361,7 @@ class HostPool:
         self.lock = threading.Lock()
         self.opening = threading.Lock()
         self.closed = False
+        self.gpus_full_until = 0.0  # until then, every free GPU is held by our workers
 
     def connection(self):
         """A connection with room for one more worker (opened if needed), reserved for
@@ -406,6 +412,12 @@ class HostPool:
                     return w
                 w.close()
         deadline = time.monotonic() + deadlines(self.host).worker_start
+        if time.monotonic() < self.gpus_full_until:
+            # The host's free GPUs are all ours already: wait for one of our workers
+            # rather than start one more only to hear that no GPU is free.
+            waited = self._idle_worker(deadline)
+            if waited is not None:
+                return waited
         while True:
             conn = self.connection()
             try:
@@ -422,8 +434,10 @@ class HostPool:
                 raise
             if not w.hello.gpu_busy:
                 return w
-            # Every GPU is held: one worker per GPU, so wait for one of ours to come back.
+            # Every GPU is held: one worker per GPU, so wait for one of ours to come back
+            # (and for a while, do not ask again: GPUs rarely free up that fast).
             w.close()
+            self.gpus_full_until = time.monotonic() + GPUS_FULL_RECHECK
             waited = self._idle_worker(deadline)
             if waited is not None:
                 return waited
