@@ -9,7 +9,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -258,7 +257,7 @@ def test_top_and_check_env_name_who_holds_each_gpu(fleet, gpus):
             [("root", 1234, False)]
         assert [p for u, procs in by_uuid.items() if u != held for p in procs] == []
         r = fleet.cli("check-env", "-H", "ws2", inventory=fleet.inventory_path)
-        assert f"is held by root:" in r.stdout and "not yours" in r.stdout, r.stdout
+        assert "is held by root:" in r.stdout and "not yours" in r.stdout, r.stdout
     finally:
         holder.kill()
 
@@ -268,8 +267,8 @@ def _where_and_when(seconds: float):
     import time as t
     start = t.time()
     t.sleep(seconds)
-    return os.environ.get("FABFLEET_HOST_NAME_UNUSED"), os.environ.get(
-        "CUDA_VISIBLE_DEVICES"), os.environ.get("CUDA_DEVICE_ORDER"), start, t.time()
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("CUDA_DEVICE_ORDER"), \
+        start, t.time()
 
 
 def test_map_over_gpu_hosts_never_shares_a_gpu(fleet, gpus, tmp_path):
@@ -282,10 +281,10 @@ def test_map_over_gpu_hosts_never_shares_a_gpu(fleet, gpus, tmp_path):
     inv = Inventory.load(path)
     out = inv.select(host="ws1-4,ws2-4").map(_where_and_when, [0.4] * 16)
     known = {g["uuid"] for gl in gpus.values() for g in gl}
-    assert all(u in known and order == "PCI_BUS_ID" for _, u, order, _, _ in out), out
-    runs = [("?", u, o, s, e) for _, u, o, s, e in out]
+    assert all(u in known and order == "PCI_BUS_ID" for u, order, _, _ in out), out
+    runs = [("?", u, o, s, e) for u, o, s, e in out]
     assert_no_overlap(runs)
-    assert len({u for _, u, *_ in out}) == 4  # all four GPUs were used
+    assert len({u for u, *_ in out}) == 4  # all four GPUs were used
 
 
 def test_waiting_tasks_move_to_a_host_whose_gpus_are_free(fleet, gpus, qproj):

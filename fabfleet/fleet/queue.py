@@ -27,12 +27,11 @@ from ..host.jobs import queue_state, start_job
 from ..host.push import push
 from ..host.runspec import command_vector, new_run_id
 from ..hostside import boot, queue_app, runner
+from ..ssh import shell
 from ..ssh.connect import connect, sftp_client, sftp_makedirs, sftp_put_private
 from ..ssh.launch import file_of, shipped_with, source
 from ..ssh.liveness import watched
 from .fanout import per_host
-
-STATES = ("queued", "running", "exited", "failed", "lost", "cancelled")
 
 
 def parse_tasks(text: str) -> list[list[str]]:
@@ -186,11 +185,7 @@ def _start_drainer(c, qdir: str, project: str, name: str) -> None:
     job = start_job(c, file_of(queue_app), [qdir], project=project or None,
                     tag=f"queue:{name}")
     sftp_put_private(sftp_client(c), json.dumps({"run_id": job.run_id}).encode(),
-                     f"{_home(qdir)}/drainer.json")
-
-
-def _home(p: str) -> str:
-    return p[2:] if p.startswith("~/") else p
+                     f"{shell.home_relative(qdir)}/drainer.json")
 
 
 def submit(hosts: Sequence[Host], tasks: Sequence[str | Sequence[str]], *,
@@ -256,12 +251,13 @@ def submit(hosts: Sequence[Host], tasks: Sequence[str | Sequence[str]], *,
                           "display": shlex.join(vectors[i])} for i in indices]}
         with watched(c, f"hand queue {name} to the host"):
             sftp = sftp_client(c)
-            sftp_makedirs(sftp, f"{_home(qdir)}/state")
-            sftp_put_private(sftp, json.dumps(cfg).encode(), f"{_home(qdir)}/tasks.json")
-            sftp_put_private(sftp, source(runner).encode(), f"{_home(qdir)}/runner.py")
-            sftp_put_private(sftp, source(boot).encode(), f"{_home(qdir)}/boot.py")
-            for shipped, text in shipped_with(queue_app).items():
-                sftp_put_private(sftp, text.encode(), f"{_home(qdir)}/{shipped}.py")
+            where = shell.home_relative(qdir)
+            sftp_makedirs(sftp, f"{where}/state")
+            files = {"tasks.json": json.dumps(cfg), "runner.py": source(runner),
+                     "boot.py": source(boot),
+                     **{f"{n}.py": text for n, text in shipped_with(queue_app).items()}}
+            for filename, text in files.items():
+                sftp_put_private(sftp, text.encode(), f"{where}/{filename}")
         _start_drainer(c, qdir, project.name, name)
         return len(indices)
     handed = per_host(hosts, hand)

@@ -11,7 +11,7 @@ import posixpath
 import zipfile
 from pathlib import Path
 
-from ..config.deadlines import INSTALL, QUICK_COMMAND, TREE_COMMAND
+from ..config.deadlines import INSTALL, QUICK_COMMAND
 from ..config.inventory import Host
 from ..config.settings import layout
 from ..errors import CommandError, LocalError, host_errors

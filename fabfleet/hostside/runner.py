@@ -360,6 +360,18 @@ def is_run_process(pid, run_id):
     return ("FABFLEET_RUN_ID=%s" % run_id).encode() in env
 
 
+def stop_run(run_dir, grace):
+    """Stop a running run's process group (SIGTERM, SIGKILL after ``grace``) and record
+    ``killed`` — if its recorded process is still the run's own (see
+    :func:`is_run_process`)."""
+    job = read_json(os.path.join(run_dir, "job.json")) or {}
+    run_id = os.path.basename(run_dir)
+    if job.get("pgid") and is_run_process(job["pgid"], run_id):
+        write_atomic(os.path.join(run_dir, "killed"), json.dumps(
+            {"signal": "SIGTERM", "at": time.time()}))
+        signal_group(job["pgid"], signal.SIGTERM, grace)
+
+
 def cmd_stop(spec):
     """Stop an attached run (Ctrl-C on the client): its process group, by the pid the
     runner recorded, if that process is still the one it started."""
@@ -415,17 +427,13 @@ def cmd_clean(spec):
                 continue
             state = job_status(run_dir)
             if state["status"] == "running":
-                job = read_json(os.path.join(run_dir, "job.json")) or {}
                 if not force:
                     running.setdefault(project, []).append(run_id)
                     kept.append({"path": run_dir, "run_id": run_id,
                                  "why": "still running (%s): `fabfleet kill %s`, or clean "
                                         "--force to stop it first" % (state["command"], run_id)})
                     continue
-                if job.get("pgid") and is_run_process(job["pgid"], run_id):
-                    write_atomic(os.path.join(run_dir, "killed"), json.dumps(
-                        {"signal": "SIGTERM", "at": time.time()}))
-                    signal_group(job["pgid"], signal.SIGTERM, grace)
+                stop_run(run_dir, grace)
             remove(run_dir)
         if project not in running:
             try:
@@ -516,11 +524,7 @@ def cmd_queue(spec):
         runs = os.path.expanduser(read_json(os.path.join(qdir, "tasks.json"))["spec"]["runs"])
         for task in report["tasks"]:
             if task["state"] == "running":
-                job = read_json(os.path.join(runs, task["run_id"], "job.json")) or {}
-                if job.get("pgid") and is_run_process(job["pgid"], task["run_id"]):
-                    write_atomic(os.path.join(runs, task["run_id"], "killed"), json.dumps(
-                        {"signal": "SIGTERM", "at": time.time()}))
-                    signal_group(job["pgid"], signal.SIGTERM, float(spec.get("grace", 2)))
+                stop_run(os.path.join(runs, task["run_id"]), float(spec.get("grace", 2)))
     if spec.get("take"):  # hand not-started tasks to another host: claimed first
         import fabfleet_gpus  # shipped with us (SHIPS_WITH): the drainer's own claim
         cfg = read_json(os.path.join(qdir, "tasks.json"))
