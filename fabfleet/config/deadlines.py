@@ -23,6 +23,9 @@ KEEPALIVE_INTERVAL = 5.0
 INTERRUPT_GRACE = 3.0
 #: Seconds between SIGTERM and SIGKILL when a run or job is stopped.
 STOP_GRACE = 2.0
+#: ``queue-cancel``: a queue's drainer has this long to notice and end (a task start in
+#: progress) before it is stopped; no task starts after that.
+DRAINER_STOP = 10.0
 #: A short remote command (mkdir, cat of a small file, a runner sub-command).
 QUICK_COMMAND = 60.0
 #: Listing, cleaning or checksumming a tree on the host.
@@ -111,5 +114,6 @@ def table() -> list[tuple[str, str]]:
          f"{CLIENT_LOST:g} s without its heartbeat (sent every {HEARTBEAT:g} s)"),
         ("`logs --follow` after a dropped connection", f"reconnects for {RECONNECT_FOR:g} s "
          "per outage; the host-side follower ends with its client"),
+        ("queue-cancel, a host's drainer ending", f"{DRAINER_STOP:g} s, then stopped"),
         ("Jupyter / a Dask scheduler starting", f"{APP_START:g} s"),
     ]

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config.deadlines import (CLIENT_LOST, HEARTBEAT, QUICK_COMMAND, RECONNECT_FOR,
-                                STOP_GRACE, TREE_COMMAND)
+from ..config.deadlines import (CLIENT_LOST, DRAINER_STOP, HEARTBEAT, QUICK_COMMAND,
+                                RECONNECT_FOR, STOP_GRACE, TREE_COMMAND)
 from ..config.inventory import Host
 from ..config.settings import layout
 from ..errors import CommandError, ConnectError, LocalError
@@ -181,9 +181,9 @@ def queue_state(c, queues_root: str, name: str, *, cancel: bool = False,
     here); with ``take``, instead claims up to that many not-started tasks for host
     ``to`` and returns ``{"taken": [task, …]}`` (one round trip)."""
     spec = {"queues_root": queues_root, "name": name, "cancel": cancel, "retry": retry,
-            "grace": STOP_GRACE, "take": take, "to": to, "add": add or []}
+            "grace": STOP_GRACE, "drainer_grace": DRAINER_STOP, "take": take, "to": to, "add": add or []}
     report, _ = _remote(c, "queue", spec, action=f"read queue {name}",
-                        timeout=QUICK_COMMAND + STOP_GRACE)
+                        timeout=QUICK_COMMAND + DRAINER_STOP + STOP_GRACE)
     return None if report.get("absent") else report
 
 

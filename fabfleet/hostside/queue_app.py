@@ -149,7 +149,8 @@ def main(qdir):
             if not gpus:  # not enough free GPUs now: look again soon
                 time.sleep(1)
                 continue
-        if not fabfleet_gpus.claim_task(qdir, task["index"]):  # moved to another host
+        if not fabfleet_gpus.claim_task(qdir, task["index"]) or os.path.exists(
+                os.path.join(qdir, "cancel")):  # moved to another host, or cancelled now
             for fd in fds:
                 os.close(fd)
             continue

@@ -468,17 +468,24 @@ def cmd_clean(spec):
     sys.stdout.write(REPORT + json.dumps({"removed": removed, "kept": kept}) + "\n")
 
 
+def drainer_dir(qdir, runs):
+    """The run dir of queue ``qdir``'s drainer here while it runs, else None."""
+    drainer = read_json(os.path.join(qdir, "drainer.json")) or {}
+    run_dir = os.path.join(runs, drainer.get("run_id") or ".")
+    if drainer.get("run_id") and os.path.isdir(run_dir) and \
+            job_status(run_dir)["status"] == "running":
+        return run_dir
+    return None
+
+
 def queue_report(qdir):
     """One queue's tasks on this host: each task's state from its run (the same job
     status as every run), whether the drainer still runs."""
     cfg = read_json(os.path.join(qdir, "tasks.json"))
     if cfg is None:
         return None
-    drainer = read_json(os.path.join(qdir, "drainer.json")) or {}
     runs = os.path.expanduser(cfg["spec"]["runs"])
-    alive = bool(drainer.get("run_id")) and os.path.isdir(os.path.join(
-        runs, drainer["run_id"])) and job_status(os.path.join(
-            runs, drainer["run_id"]))["status"] == "running"
+    alive = drainer_dir(qdir, runs) is not None
     cancelled = os.path.exists(os.path.join(qdir, "cancel"))
     tasks, moved = [], 0
     for task in cfg["tasks"]:
@@ -520,9 +527,16 @@ def cmd_queue(spec):
         return
     if spec.get("cancel"):
         write_atomic(os.path.join(qdir, "cancel"), "%f" % time.time())
-        report = queue_report(qdir)
         runs = os.path.expanduser(read_json(os.path.join(qdir, "tasks.json"))["spec"]["runs"])
-        for task in report["tasks"]:
+        # The drainer looks for ``cancel`` before each start: once it is gone, no task
+        # starts any more, and one it was starting has its record. It is given a few
+        # seconds (a start in progress), then stopped.
+        deadline = time.time() + float(spec.get("drainer_grace", 10))
+        while drainer_dir(qdir, runs) is not None and time.time() < deadline:
+            time.sleep(0.2)
+        if drainer_dir(qdir, runs) is not None:
+            stop_run(drainer_dir(qdir, runs), float(spec.get("grace", 2)))
+        for task in queue_report(qdir)["tasks"]:
             if task["state"] == "running":
                 stop_run(os.path.join(runs, task["run_id"]), float(spec.get("grace", 2)))
     if spec.get("take"):  # hand not-started tasks to another host: claimed first
