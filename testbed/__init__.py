@@ -32,6 +32,12 @@ inner   PP22  127.0.0.8    only an ECDSA host key; reached as ``inner.lab``
 
 ``closedgw`` (PP23, 127.0.0.9) is a bastion whose sshd has ``AllowTcpForwarding no``.
 
+Cluster login nodes (the lab image plus Slurm; in :func:`lab_inventory_text` too):
+``hpc`` (PP30, 127.0.0.10) runs a real single-node Slurm 22.05 (slurmctld on PP40,
+slurmd on PP41; partition ``debug``, 2 CPUs, ``MinJobAge=5``, no accounting); ``pbs``
+(PP31, 127.0.0.11) has the PBS Pro stand-in (``testbed/pbs/fakepbs``: 2 job slots, 5 s of
+finished-job history).
+
 ``PP`` is the port prefix: 22 for the demo, 23 for the tests, so both can run at once.
 """
 
@@ -48,13 +54,13 @@ STATE = HERE / "state"
 COMPOSE_FILE = HERE / "docker-compose.yml"
 KEY = STATE / "id_ed25519"
 HOSTS = {"ws1": 1, "ws2": 2, "gpu1": 3, "nopy": 4, "ws3": 5,
-         "stock": 20, "bastion": 21, "inner": 22, "closedgw": 23}
+         "stock": 20, "bastion": 21, "inner": 22, "closedgw": 23, "hpc": 30, "pbs": 31}
 #: where each host listens (the default hosts on 127.0.0.1)
 ADDRESSES = {"stock": "127.0.0.6", "bastion": "127.0.0.7", "inner": "127.0.0.8",
-             "closedgw": "127.0.0.9"}
+             "closedgw": "127.0.0.9", "hpc": "127.0.0.10", "pbs": "127.0.0.11"}
 #: the one key type recorded for the lab hosts, as older known_hosts files have them
 RECORDED_TYPES = {"stock": "ecdsa", "bastion": "rsa", "inner": "ecdsa"}
-LAB = ("stock", "bastion", "inner", "closedgw")
+LAB = ("stock", "bastion", "inner", "closedgw", "hpc", "pbs")
 
 
 def address(name: str) -> str:
@@ -209,6 +215,22 @@ def lab_inventory_text(prefix: int, known_hosts: Path, work_dir: str = "~/fabfle
     hostname: {address('closedgw')}
     port: {port('closedgw', prefix)}
     groups: [gateways]
+  hpc:                      # a Slurm login node: runs are batch jobs
+    hostname: {address('hpc')}
+    port: {port('hpc', prefix)}
+    scheduler: slurm
+    sbatch: ["--partition=debug"]
+    shell: login            # Lmod's `module` comes from the login profile
+    setup: ["module load cuda/12.2"]
+    max_jobs: 4
+    groups: [cluster]
+  pbs:                      # a PBS login node (the stand-in)
+    hostname: {address('pbs')}
+    port: {port('pbs', prefix)}
+    scheduler: pbs
+    qsub: ["-q", "workq"]
+    max_jobs: 4
+    groups: [cluster]
 """
 
 

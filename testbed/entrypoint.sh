@@ -5,7 +5,9 @@
 # types to generate, e.g. "ecdsa"; default: every type), EXTRA_HOSTS ("name=addr ..."
 # lines only this container resolves), LOGIN_SHELL (the dev user's login shell),
 # NO_ENSUREPIP=1 (Python without ensurepip: `python3 -m venv` fails), NO_FORWARDING=1
-# (AllowTcpForwarding no: a bastion that refuses to forward), NO_CONDA=1 (micromamba only).
+# (AllowTcpForwarding no: a bastion that refuses to forward), NO_CONDA=1 (micromamba only),
+# SLURM=1 (start the single-node Slurm of the slurm image first), FAKE_PBS=1 (put the PBS
+# stand-in's qsub/qstat/qdel on PATH).
 set -e
 echo "${FABFLEET_HOST:-unknown}" > /etc/fabfleet-host
 if [ -n "${HOSTKEYS:-}" ]; then
@@ -23,6 +25,10 @@ done
 [ "${NO_CONDA:-0}" = 1 ] && rm -rf /opt/conda
 # A Python without ensurepip, as Debian/Ubuntu servers without python3-venv have
 [ "${NO_ENSUREPIP:-0}" = 1 ] && rm -rf /usr/lib/python3*/ensurepip
+[ "${SLURM:-0}" = 1 ] && /opt/slurm-testbed/start.sh
+if [ "${FAKE_PBS:-0}" = 1 ]; then
+    for t in qsub qstat qdel; do ln -sf /usr/local/lib/fake-pbs/$t /usr/local/bin/$t; done
+fi
 install -m 600 -o dev -g dev /testbed/authorized_keys /home/dev/.ssh/authorized_keys
 keys=""
 for k in /etc/ssh/ssh_host_*_key; do keys="$keys -o HostKey=$k"; done

@@ -168,6 +168,10 @@ _RUN_HELP = {
     "json": "with --detach: print one JSON object of run ids",
     "gang": "start every host together; when one fails (non-zero exit, lost), stop the "
             "others (distributed training)",
+    "sbatch": "on a Slurm login node (scheduler: slurm): sbatch options for the job, added "
+              "to the inventory's ('--time=10 --cpus-per-task=2')",
+    "qsub": "on a PBS login node (scheduler: pbs): qsub options for the job "
+            "('-l walltime=00:10:00')",
 }
 
 
@@ -180,6 +184,7 @@ _RUN_HELP = {
     **_RUN_HELP})
 def run_remote(c, selected, script, module=False, args="", no_push=False, exclude=None,
                max_parallel=None, timeout=None, keep_children=False, detach=False,
+               sbatch=None, qsub=None,
                json_=False, gang=False):
     """Run a script (or -m MODULE) on the hosts from the synced project, output live."""
     if module:
@@ -202,14 +207,16 @@ def run_remote(c, selected, script, module=False, args="", no_push=False, exclud
     label = script if script else f"-m {module}"
     _run(c, selected, label, dict(script=script, args=argv, module=module), no_push=no_push,
          exclude=exclude, max_parallel=max_parallel, timeout=timeout,
-         keep_children=keep_children, detach=detach, json_=json_, gang=gang)
+         keep_children=keep_children, detach=detach, json_=json_, gang=gang,
+         sbatch=sbatch, qsub=qsub)
 
 
 @hosts_task(name="run", iterable=["exclude"], help={
     "shell": "one string for the host's sh -c instead of the words after -- "
              "(pipes, globs, &&)", **_RUN_HELP})
 def run_command(c, selected, shell=None, no_push=False, exclude=None, max_parallel=None,
-                timeout=None, keep_children=False, detach=False, json_=False, gang=False):
+                timeout=None, keep_children=False, detach=False, json_=False, gang=False,
+                sbatch=None, qsub=None):
     """Run a command on the hosts: fabfleet run -H HOSTS -- COMMAND [ARG…] (or --shell)."""
     from ..host.runspec import command_vector
     from .options import raw_command
@@ -221,11 +228,11 @@ def run_command(c, selected, shell=None, no_push=False, exclude=None, max_parall
     label = shell if shell else shlex.join(words)
     _run(c, selected, label, dict(command=vector), no_push=no_push, exclude=exclude,
          max_parallel=max_parallel, timeout=timeout, keep_children=keep_children,
-         detach=detach, json_=json_, gang=gang)
+         detach=detach, json_=json_, gang=gang, sbatch=sbatch, qsub=qsub)
 
 
 def _run(c, selected, label, what, *, no_push, exclude, max_parallel, timeout,
-         keep_children, detach, json_, gang) -> None:
+         keep_children, detach, json_, gang, sbatch=None, qsub=None) -> None:
     """run-remote and run: the runs over the hosts, their output, the summary and the
     exit code (one host: its own)."""
     from ..errors import CommandError, RunInterrupted
@@ -236,7 +243,7 @@ def _run(c, selected, label, what, *, no_push, exclude, max_parallel, timeout,
     proj = project(c)
     common = dict(project=proj, cwd=os.getcwd(), push_project=not no_push,
                   excludes=exclude or [], max_parallel=max_parallel, timeout=timeout,
-                  keep_children=keep_children, gang=gang, **what)
+                  keep_children=keep_children, gang=gang, sbatch=sbatch, qsub=qsub, **what)
     if detach:
         return _detached(run_many(selected, detach=True, **common), json_)
     printer = PrefixedOutput(prefix=len(selected) > 1)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..errors import InventoryError
+from . import directives
 
 HOST_KEY_POLICIES = ("strict", "accept-new")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -60,6 +61,11 @@ class Host:
     tasks_per_gpu: int = 1
     #: CPU-only queue tasks (``--gpus-per-task 0``) at once; default ``max_jobs``
     tasks_per_host: int | None = None
+    #: ``slurm`` or ``pbs``: the host is a cluster's login node; runs become batch jobs
+    scheduler: str | None = None
+    #: default ``sbatch`` / ``qsub`` options for its jobs (words, as on their command line)
+    sbatch: tuple[str, ...] = ()
+    qsub: tuple[str, ...] = ()
     #: the jump hosts' own records, first hop first (resolved from ``jump`` on load)
     hops: tuple["Host", ...] = ()
     #: keys that came from ``defaults`` rather than the host's own entry; for hosts
@@ -166,6 +172,21 @@ def _gpus(where: str, value: Any) -> Any:
     return tuple(str(v) for v in value)
 
 
+def _scheduler(where: str, value: Any) -> str:
+    _expect(value in directives.SCHEDULERS, where,
+            "'slurm' or 'pbs' (the host is a cluster's login node)", value)
+    return value
+
+
+def _directives(scheduler: str) -> Callable[[str, Any], tuple[str, ...]]:
+    def check(where: str, value: Any) -> tuple[str, ...]:
+        try:
+            return directives.parse(scheduler, value, where)
+        except directives.DirectiveError as exc:
+            raise InventoryError(str(exc)) from None
+    return check
+
+
 def _local_path(where: str, value: Any) -> str:
     return os.path.expanduser(_str(where, value))
 
@@ -191,6 +212,9 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "gpus": _gpus,
     "tasks_per_gpu": _int(1, 64),
     "tasks_per_host": _int(1, 1024),
+    "scheduler": _scheduler,
+    "sbatch": _directives("slurm"),
+    "qsub": _directives("pbs"),
 }
 _SECRET_KEYS = {"password", "passphrase", "key_passphrase", "sudo_password"}
 

@@ -43,7 +43,9 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str] | None = None
              excludes: Sequence[str] = (), max_parallel: int = 32,
              on_output: Callable[[str, str, bytes], None] | None = None,
              log_root: str | os.PathLike[str] | None = None, timeout: float | None = None,
-             keep_children: bool = False, detach: bool = False, gang: bool = False):
+             keep_children: bool = False, detach: bool = False, gang: bool = False,
+             sbatch: str | Sequence[str] | None = None,
+             qsub: str | Sequence[str] | None = None):
     """Run ``script`` (or a ``command`` vector, or ``python -m module``) on every host at
     once (one run id for all); a per-host map.
 
@@ -59,6 +61,10 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str] | None = None
     hosts, ``FABFLEET_PORT``: free on the first host). With ``gang``, no host starts
     until every host is ready, and when one fails (a non-zero exit, a lost host) the
     others are stopped.
+
+    On a cluster's login node (``scheduler:`` in the inventory) each run is a batch job
+    (``sbatch``/``qsub``: directives added to the inventory's; see
+    :mod:`fabfleet.host.batch`).
 
     Output goes to ``on_output(host, "stdout"|"stderr", bytes)`` live and, with
     ``log_root``, to ``<log_root>/<host>/runs/<run id>/{stdout,stderr}`` as it arrives, so
@@ -148,7 +154,8 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str] | None = None
                                            "gang failed before all could start") from None
                 what = dict(command=command, module=module, env=env, project=name,
                             script_in_project=rel, cwd=run_cwd, run_id=run_id,
-                            timeout=timeout, keep_children=keep_children)
+                            timeout=timeout, keep_children=keep_children, sbatch=sbatch,
+                            qsub=qsub)
                 if detach:
                     return start_job(c, script, args, **what)
                 result = run_script(c, script, args, on_stdout=sink("stdout"),

@@ -13,6 +13,7 @@ gone without an exit code, or the host rebooted (its boot id changed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal as _signal
 import time
@@ -29,6 +30,7 @@ from ..hostside import runner
 from ..ssh.connect import connect
 from ..ssh.exec import execute
 from ..ssh.launch import python_command
+from . import batch
 from .runspec import RunnerStderr, run_spec
 from .slots import host_slots
 
@@ -105,7 +107,7 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             state = self.status()
-            if state["status"] != "running":
+            if state["status"] not in ("running", "pending", "unknown"):
                 return state
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandError(self.host.name, f"job {self.run_id} still running after "
@@ -114,12 +116,13 @@ class Job:
 
     def logs(self, *, stream: str = "stdout", follow: bool = False,
              on_output: Callable[[bytes], None] | None = None, offset: int = 0,
-             reconnect_for: float = RECONNECT_FOR) -> dict:
+             reconnect_for: float = RECONNECT_FOR, conn=None) -> dict:
         """The job's output from byte ``offset`` to ``on_output`` (default: returned in
         ``["data"]``); with ``follow``, until the job ends. A dropped connection (laptop
         sleep, network change) is retried for ``reconnect_for`` seconds per outage and
         resumes at the byte where it stopped; the follower on the host ends when we do.
-        Returns the final status (with ``offset``)."""
+        Returns the final status (with ``offset``). ``conn``: a connection to the host
+        to use first (left open)."""
         if stream not in ("stdout", "stderr"):
             raise LocalError(f"stream {stream!r}: expected stdout or stderr")
         chunks: list[bytes] = []
@@ -130,9 +133,11 @@ class Job:
             got[0] += len(data)
             sink(data)
         lost_since: float | None = None
+        given = conn
         while True:
             try:
-                with self._conn() as c:
+                with contextlib.nullcontext(given) if given is not None else self._conn() as c:
+                    given = None
                     lost_since = None  # connected: the outage (if any) is over
                     report, _ = _remote(c, "logs", self._spec(stream=stream, offset=got[0],
                                                               follow=follow),
@@ -216,12 +221,15 @@ def start_job(c, script: str | Path | None, args: Sequence[str] = (), *,
               cwd: str = "", run_id: str | None = None, timeout: float | None = None,
               keep_children: bool = False, env_file: str | None = None,
               tag: str | None = None, command: Sequence[str] | None = None,
-              module: str | None = None, env: dict[str, str] | None = None) -> Job:
+              module: str | None = None, env: dict[str, str] | None = None,
+              sbatch: str | Sequence[str] | None = None,
+              qsub: str | Sequence[str] | None = None) -> Job:
     """Start ``script`` (or a ``command`` vector, or ``module``: see
     :func:`~fabfleet.host.runs.run_script`) as a detached job and return as soon as it
     runs (see the module docstring). ``env_file``: a remote JSON file of environment
     variables the job gets (read, then deleted: secrets never appear on a command
-    line)."""
+    line). On a cluster's login node the job is a batch job (``sbatch``/``qsub``: its
+    directives; see :mod:`fabfleet.host.batch`), returned once submitted."""
     host: Host = c.fleet_host
     script = Path(script) if script is not None else None
     spec, lay, run_id, run_dir, project = run_spec(c, script, args, project=project,
@@ -234,6 +242,9 @@ def start_job(c, script: str | Path | None, args: Sequence[str] = (), *,
         spec["timeout"] = timeout
     if env_file is not None:
         spec["env_file"] = env_file
+    if host.scheduler or sbatch or qsub:
+        spec["batch"] = batch.batch_spec(host, project, sbatch, qsub)
+        label = f"{label} to {host.scheduler}"
     with host_slots(host):  # starting it counts against max_jobs, like a run or a call
         report, _ = _remote(c, "run", spec, action=f"start {label} as a job in "
                             f"{lay['project']}", timeout=QUICK_COMMAND, project=project)

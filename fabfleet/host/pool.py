@@ -522,8 +522,12 @@ def call_on_host(host: Host, blob: bytes, *, on_output: Output | None = None,
     effects), and the next call starts a fresh one. ``timeout`` and ``cancel`` (an
     Event) stop the function on the host; see the module docstring.
     """
-    pool = pool_for(host, project)
     on_output = on_output or default_output(prefix=False)
+    if host.scheduler:  # a login node: the call is a batch job on a compute node
+        from .batch_calls import call
+        return call(host, blob, on_output=on_output, timeout=timeout, cancel=cancel,
+                    kind=kind, define=define, project=project)
+    pool = pool_for(host, project)
     with host_slots(host):
         for attempt in (1, 2):
             try:

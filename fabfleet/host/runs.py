@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from ..ssh import shell
 from ..ssh.connect import connect
 from ..ssh.exec import execute
 from ..ssh.launch import python_command
+from . import batch
 from .runspec import RunnerStderr, command_vector, run_spec
 from .slots import host_slots
 
@@ -82,7 +84,9 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
                timeout: float | None = None, keep_children: bool = False,
                cancelled: threading.Event | None = None,
                command: Sequence[str] | None = None, module: str | None = None,
-               env: dict[str, str] | None = None) -> RunResult:
+               env: dict[str, str] | None = None,
+               sbatch: str | Sequence[str] | None = None,
+               qsub: str | Sequence[str] | None = None) -> RunResult:
     """Run a Python script on the host with its Python, env and ``env`` vars.
 
     The script runs in ``<work_dir>/<project>/<cwd>`` (``project`` defaults to the local
@@ -97,6 +101,12 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
     A script with a ``#!`` line runs with that interpreter (a Python one, or none: the
     env's Python). Instead of a script: ``module`` runs ``python -m MODULE ARGS`` and
     ``command`` a vector (see :func:`run_command`); ``env`` is added to its environment.
+
+    On a cluster's login node (``scheduler:`` in the inventory) the run is a batch job
+    on a compute node (see :mod:`fabfleet.host.batch`): ``sbatch``/``qsub`` add to the
+    inventory's directives; the output streams from the job's output file (stdout and
+    stderr together, as the scheduler's own file has them); ``timeout`` counts from the
+    job's start; Ctrl-C cancels the job.
     """
     host: Host = c.fleet_host
     script = Path(script) if script is not None else None
@@ -109,6 +119,9 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
     if timeout is not None:
         spec["timeout"] = timeout
     spec["keep_children"] = keep_children
+    if host.scheduler or sbatch or qsub:
+        spec["batch"] = batch.batch_spec(host, project, sbatch, qsub)
+        return _run_batch(c, spec, label, lay, project, cancelled, on_stdout, on_stderr)
     spec["client_lost"] = CLIENT_LOST  # the host stops the run when we are gone
     command = python_command(host, runner, ["run", json.dumps(spec)], project=project)
     stderr = RunnerStderr(on_stderr)
@@ -165,6 +178,36 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
     report = report or {}
     return RunResult(host.name, run_id, run_dir, code, result.seconds, stderr_tail,
                      report.get("stopped"), tuple(report.get("notes") or ()))
+
+
+def _run_batch(c, spec: dict, label: str, lay: dict, project: str,
+               cancelled: threading.Event | None,
+               on_stdout: Callable[[bytes], None] | None,
+               on_stderr: Callable[[bytes], None] | None) -> RunResult:
+    """An attached run on a login node: submit the job, then follow its output until it
+    ends (registered as an active run: Ctrl-C cancels the job)."""
+    from .jobs import Job, _remote
+    host: Host = c.fleet_host
+    key = (host.name, spec["run_dir"])
+    started = time.monotonic()
+    with host_slots(host):
+        with _active_lock:
+            if cancelled is not None and cancelled.is_set():
+                raise CommandError(host.name, f"{label} was not submitted: the run was "
+                                   "interrupted (Ctrl-C) first")
+            _active[key] = c
+        try:
+            report, _ = _remote(c, "run", spec, action=f"submit {label} to "
+                                f"{host.scheduler} from {lay['project']}", project=project)
+            batch.on_submitted(host, report, on_stderr)
+            final = Job(host, spec["run_id"], report).logs(follow=True, on_output=on_stdout,
+                                                         conn=c)
+        finally:
+            with _active_lock:
+                _active.pop(key, None)
+    code, stopped, notes = batch.outcome(host, final)
+    return RunResult(host.name, spec["run_id"], spec["run_dir"], code,
+                     time.monotonic() - started, "", stopped, notes)
 
 
 def stop_active_runs(grace: float = STOP_GRACE, *, only_run: str | None = None,

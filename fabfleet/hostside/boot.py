@@ -56,5 +56,6 @@ if __name__ == "__main__":
     _install(_program.get("modules") or {})
     sys.argv = ["-c"] + _program["argv"] + sys.argv[2:]  # [1] is the label `ps` shows
     _code = compile(_program["source"], "<fabfleet %s>" % _program["name"], "exec")
+    FABFLEET_SOURCE = _program["source"]  # a program that copies itself (a batch job's runner)
     del _program
     exec(_code)

@@ -30,7 +30,9 @@ import threading
 import time
 
 ISOLATED = True  # run with `python -I`: nothing of the user's (cwd, user site) is imported
-SHIPS_WITH = ("gpus",)  # as fabfleet_gpus: a queue's task claims (see cmd_queue)
+# Shipped with us: fabfleet_gpus (a queue's task claims, see cmd_queue), fabfleet_batch
+# (Slurm/PBS on a login node, see submit_batch).
+SHIPS_WITH = ("gpus", "batch")
 ERROR = "\x1efabfleet-error: "
 REPORT = "\x1efabfleet-report: "
 RUNNER_FAILED = 95
@@ -237,11 +239,14 @@ def read_exit_code(run_dir):
 
 
 def job_status(run_dir):
-    """One run's status from its run dir: ``running``, ``exited``, ``killed`` or ``lost``."""
+    """One run's status from its run dir: ``running``, ``exited``, ``killed`` or ``lost``
+    (a batch job also ``pending``, or ``unknown`` while its scheduler does not answer)."""
     job = read_json(os.path.join(run_dir, "job.json")) or {}
     command = read_json(os.path.join(run_dir, "command.json")) or {}
     killed = read_json(os.path.join(run_dir, "killed"))
     code = read_exit_code(run_dir)
+    if job.get("scheduler"):
+        return batch_status(run_dir, job, killed, code)
     started = job.get("started")
     if started is None:
         try:
@@ -284,6 +289,155 @@ def job_status(run_dir):
             "killed_by": (killed or {}).get("signal"), "tag": job.get("tag")}
 
 
+# -- batch jobs on a login node (Slurm, PBS) ------------------------------------------
+_SCHED_CACHE = {}  # (scheduler, job id) -> (when asked, state): one query per poll
+SCHED_FRESH = 2.0
+
+
+def sched_states(pairs):
+    """``{(scheduler, job id): {"state", "reason"}}``, asking each scheduler once for
+    all the ids not asked about in the last :data:`SCHED_FRESH` seconds. A scheduler
+    that does not answer gives state ``None`` and its ``error``."""
+    import fabfleet_batch  # shipped with us (SHIPS_WITH)
+    now = time.time()
+    by = {}
+    for name, job_id in pairs:
+        if now - _SCHED_CACHE.get((name, job_id), (0, None))[0] > SCHED_FRESH:
+            by.setdefault(name, []).append(job_id)
+    for name, ids in by.items():
+        try:
+            got = fabfleet_batch.scheduler(name).states(ids)
+        except fabfleet_batch.SchedulerError as exc:
+            got = {j: {"state": None, "reason": None, "error": str(exc)} for j in ids}
+        for job_id in ids:
+            _SCHED_CACHE[(name, job_id)] = (now, got[job_id])
+    return {pair: _SCHED_CACHE[pair][1] for pair in pairs}
+
+
+def batch_status(run_dir, job, killed, code):
+    """A batch job's status: its run dir's own records (``exit_code``, written by the
+    runner in the job; ``killed``) first, then the scheduler's state. A job the
+    scheduler ended or forgot without an exit code is ``killed`` (TIMEOUT, CANCELLED,
+    OUT_OF_MEMORY, NODE_FAIL, PREEMPTED, …) or ``lost`` — never ``exited``."""
+    import fabfleet_batch
+    node = read_json(os.path.join(run_dir, "node.json")) or {}
+    state, reason, error = None, None, None
+    if killed is not None and code is None or code is None and job.get("job_id"):
+        st = sched_states([(job["scheduler"], job["job_id"])])[(job["scheduler"], job["job_id"])] \
+            if job.get("job_id") else {}
+        state, reason, error = st.get("state"), st.get("reason"), st.get("error")
+        code = read_exit_code(run_dir)  # written since we looked?
+    if killed is not None:
+        status = "killed"
+    elif code is not None:
+        status = "exited"
+    elif not job.get("job_id"):
+        status, reason = ("lost", job["submit_error"]) if job.get("submit_error") else \
+            ("pending", "submitting")
+    elif state is None:
+        status = "unknown"
+    elif state in fabfleet_batch.WAITING:
+        status = "pending"
+    elif state in fabfleet_batch.ACTIVE:
+        status = "running"
+    elif state in fabfleet_batch.KILLED:
+        status = "killed"
+    else:  # COMPLETED, FAILED or forgotten, and no exit code: the runner never finished
+        status = "lost"
+    out = {"run_id": os.path.basename(run_dir),
+           "project": os.path.basename(os.path.dirname(run_dir)),
+           "status": status, "exit_code": code, "detached": not job.get("attached"),
+           "command": job.get("display") or "", "started": node.get("started") or job.get("started"),
+           "age": time.time() - job["started"] if job.get("started") else None,
+           "pid": node.get("pid"), "run_dir": run_dir,
+           "killed_by": (killed or {}).get("signal") or (state if status == "killed" else None),
+           "tag": job.get("tag"), "scheduler": job["scheduler"], "job_id": job.get("job_id"),
+           "cluster": job.get("cluster"), "sched_state": state, "reason": reason,
+           "node": node.get("node")}
+    if error:
+        out["error"] = error
+    if status in ("lost", "killed") and code is None:
+        try:  # what ran before the runner (setup, activation) or what killed it
+            with open(os.path.join(run_dir, "batch.out"), "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - 2000))
+                out["batch_out"] = f.read().decode("utf-8", "replace")
+        except OSError:
+            pass
+    return out
+
+
+def write_private(path, text, mode=0o600):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def submit_batch(spec, script, run_dir, cwd):
+    """On a login node: write the job (its spec, env values and this runner, 0600 in the
+    0700 run dir; the job script the client built, with the run dir filled in), submit it
+    and report ``job.json`` (scheduler, job id, cluster). In the job, ``batch-run`` runs
+    this runner from that copy (see :func:`cmd_batch_run`)."""
+    import fabfleet_batch
+    batch = spec.pop("batch")
+    if run_dir is None:
+        fail("cwd", "a batch job needs its run dir on the shared file system")
+    sched = fabfleet_batch.scheduler(batch["scheduler"])
+    if spec.get("command"):
+        display = spec.get("display") or " ".join(spec["command"])
+    elif spec.get("module"):
+        display = " ".join(["-m", spec["module"]] + spec["args"])
+    else:
+        display = " ".join([os.path.basename(script or "")] + spec["args"])
+    job_spec = dict(spec, in_batch=True, script=script, script_b64=None, client_lost=None,
+                    detach=False, run_dir=run_dir)
+    source = globals().get("FABFLEET_SOURCE")  # set by boot: this very program
+    if source is None:
+        with open(os.path.abspath(__file__)) as f:
+            source = f.read()
+    write_private(os.path.join(run_dir, "spec.json"), json.dumps(job_spec))
+    write_private(os.path.join(run_dir, "env.sh"), batch.get("values") or "")
+    write_private(os.path.join(run_dir, "runner.py"), source)
+    import shlex
+    write_private(os.path.join(run_dir, "job.sh"), batch["script"].replace(
+        "@FABFLEET_RUN_DIR@", shlex.quote(run_dir), 1))
+    job = {"run_id": spec["run_id"], "project": spec.get("project"), "display": display,
+           "cwd": cwd, "run_dir": run_dir, "tag": spec.get("tag"), "started": time.time(),
+           "scheduler": sched.name, "directives": batch.get("directives") or [],
+           "job_id": None, "cluster": None}
+    write_atomic(os.path.join(run_dir, "job.json"), json.dumps(job))
+    try:
+        job["job_id"], job["cluster"] = sched.submit(os.path.join(run_dir, "job.sh"), run_dir,
+                                                     spec["run_id"], batch.get("directives") or [])
+    except fabfleet_batch.SchedulerError as exc:
+        job["submit_error"] = str(exc)
+        write_atomic(os.path.join(run_dir, "job.json"), json.dumps(job))
+        fail("scheduler", str(exc))
+    write_atomic(os.path.join(run_dir, "job.json"), json.dumps(job))
+    sys.stdout.write(REPORT + json.dumps(job) + "\n")
+    sys.stdout.flush()
+    sys.exit(0)
+
+
+def cmd_batch_run(spec):
+    """In a batch job, on a compute node: the run the login node prepared."""
+    run_dir = os.environ.pop("fabfleet_run_dir", "")  # set by the job's script
+    job_spec = read_json(os.path.join(run_dir, "spec.json"))
+    if job_spec is None:
+        fail("cwd", "the job's spec %s/spec.json is missing: is the work dir on a file "
+             "system the compute nodes share?" % run_dir)
+    main(job_spec)
+
+
+def cancel_batch(run_dir, job, how):
+    """Cancel a batch job (``scancel``/``qdel``), recording ``killed`` first."""
+    import fabfleet_batch
+    write_atomic(os.path.join(run_dir, "killed"), json.dumps(
+        {"signal": how, "at": time.time()}))
+    if job.get("job_id"):
+        fabfleet_batch.scheduler(job["scheduler"]).cancel(job["job_id"])
+
+
 RUN_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
@@ -310,14 +464,21 @@ def cmd_jobs(spec):
     root = os.path.abspath(os.path.expanduser(spec["runs_root"]))
     projects = [spec["project"]] if spec.get("project") else \
         (sorted(os.listdir(root)) if os.path.isdir(root) else [])
-    out = []
+    dirs = []
     for project in projects:
         pdir = os.path.join(root, project)
         if not os.path.isdir(pdir):
             continue
-        for run_id in sorted(os.listdir(pdir)):
-            if os.path.isdir(os.path.join(pdir, run_id)):
-                out.append(job_status(os.path.join(pdir, run_id)))
+        dirs += [os.path.join(pdir, r) for r in sorted(os.listdir(pdir))
+                 if os.path.isdir(os.path.join(pdir, r))]
+    ask = []  # every batch job still open: one query per scheduler for all of them
+    for d in dirs:
+        job = read_json(os.path.join(d, "job.json")) or {}
+        if job.get("scheduler") and job.get("job_id") and read_exit_code(d) is None:
+            ask.append((job["scheduler"], job["job_id"]))
+    if ask:
+        sched_states(ask)
+    out = [job_status(d) for d in dirs]
     sys.stdout.write(REPORT + json.dumps(out) + "\n")
 
 
@@ -330,6 +491,19 @@ def cmd_kill(spec):
         fail("unknown", "no run %s on this host" % spec["run_id"])
     state = job_status(run_dir)
     job = read_json(os.path.join(run_dir, "job.json"))
+    if job and job.get("scheduler") and state["status"] in ("pending", "running", "unknown"):
+        import fabfleet_batch
+        try:
+            cancel_batch(run_dir, job, "scancel" if job["scheduler"] == "slurm" else "qdel")
+        except fabfleet_batch.SchedulerError as exc:
+            fail("scheduler", str(exc))
+        deadline = time.time() + float(spec.get("grace", 5)) + 10  # the job's runner ends
+        while time.time() < deadline and read_exit_code(run_dir) is None and \
+                job_status(run_dir)["sched_state"] not in (None, "GONE", "CANCELLED"):
+            time.sleep(0.5)
+        sys.stdout.write(REPORT + json.dumps(dict(job_status(run_dir), signalled=True,
+                                                  escalated=False)) + "\n")
+        return
     if state["status"] != "running" or not job:
         sys.stdout.write(REPORT + json.dumps(dict(state, signalled=False)) + "\n")
         return
@@ -378,6 +552,15 @@ def cmd_stop(spec):
     root = os.path.abspath(os.path.expanduser(spec["runs_root"]))
     run_dir = find_run(root, spec["run_id"])
     stopped = False
+    job = read_json(os.path.join(run_dir, "job.json")) if run_dir is not None else None
+    if job and job.get("scheduler"):  # an attached batch job: Ctrl-C cancels it
+        import fabfleet_batch
+        try:
+            cancel_batch(run_dir, job, "scancel" if job["scheduler"] == "slurm" else "qdel")
+            stopped = True
+        except fabfleet_batch.SchedulerError as exc:
+            fail("scheduler", str(exc))
+        run_dir = None
     if run_dir is not None:
         try:
             with open(os.path.join(run_dir, "pid")) as f:
@@ -619,7 +802,7 @@ def cmd_logs(spec):
                 out.flush()
         except OSError:
             pass
-        if not spec.get("follow") or state["status"] != "running":
+        if not spec.get("follow") or state["status"] not in ("running", "pending", "unknown"):
             break
         if client is not None and client.gone.wait(0.2):
             os._exit(0)
@@ -693,43 +876,78 @@ def detach(spec, argv, display, cwd, env, run_dir, notes):
     os.dup2(devnull, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    supervise(spec, argv, display, cwd, env, run_dir, notes, announce=w)
+    os._exit(0)
+
+
+def supervise(spec, argv, display, cwd, env, run_dir, notes, announce=None, batch=False):
+    """Run the job to its end with output to files in its run dir: record it (``job.json``;
+    in a batch job ``node.json``, next to the login node's record), wait (``timeout``),
+    stop what it left, record ``timing.json`` and ``exit_code`` atomically. ``announce``:
+    a pipe that gets the record once the job runs. In a batch job stderr joins stdout (as
+    the scheduler's own output file does), and the scheduler's SIGTERM (scancel, qdel, a
+    time limit) stops the job's group and is recorded as ``killed``. Returns the code."""
     try:
-        fout = open(os.path.join(run_dir, "stdout"), "wb")
-        ferr = open(os.path.join(run_dir, "stderr"), "wb")
+        fout = open(os.path.join(run_dir, "stdout"), "ab" if batch else "wb")
+        ferr = subprocess.STDOUT if batch else open(os.path.join(run_dir, "stderr"), "wb")
         proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=fout,
                                 stderr=ferr, start_new_session=True, env=env)
     except OSError as exc:
-        os.write(w, b"")
-        os.close(w)
+        if announce is not None:
+            os.write(announce, b"")
+            os.close(announce)
         sys.stderr.write("cannot start the job: %s\n" % exc)
-        os._exit(1)
+        if batch:
+            write_atomic(os.path.join(run_dir, "exit_code"), "%d\n" % RUNNER_FAILED)
+        os._exit(RUNNER_FAILED if batch else 1)
     job = {"run_id": spec["run_id"], "project": spec.get("project"), "argv": argv, "cwd": cwd,
            "display": display,
            "pid": proc.pid, "pgid": proc.pid, "start_ticks": start_ticks(proc.pid),
            "boot_id": boot_id(), "started": time.time(), "runner_pid": os.getpid(),
            "runner_ticks": start_ticks(os.getpid()),
            "run_dir": run_dir, "tag": spec.get("tag")}
+    stopped = [None]
+    if batch:
+        import socket
+        job.update(node=socket.gethostname(), job_id=os.environ.get("SLURM_JOB_ID")
+                   or os.environ.get("PBS_JOBID"))
+
+        def by_scheduler(signum, frame):
+            if not os.path.exists(os.path.join(run_dir, "killed")):
+                write_atomic(os.path.join(run_dir, "killed"), json.dumps(
+                    {"signal": "SIGTERM", "by": "scheduler", "at": time.time()}))
+            stopped[0] = "scheduler"
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        signal.signal(signal.SIGTERM, by_scheduler)
     write_atomic(os.path.join(run_dir, "pid"), str(proc.pid))
-    write_atomic(os.path.join(run_dir, "job.json"), json.dumps(job))
-    os.write(w, json.dumps(job).encode())
-    os.close(w)
+    write_atomic(os.path.join(run_dir, "node.json" if batch else "job.json"), json.dumps(job))
+    if announce is not None:
+        os.write(announce, json.dumps(job).encode())
+        os.close(announce)
     timeout, grace = spec.get("timeout"), float(spec.get("grace") or 2.0)
-    stopped = None
-    try:
-        code = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        stopped = "timeout"
+    deadline = None if timeout is None else time.time() + timeout
+    code = None
+    while code is None:
+        try:
+            code = proc.wait(None if deadline is None else max(0.01, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            stopped[0] = "timeout"
+            stop_group(proc.pid, grace)
+            code = proc.wait()
+    if stopped[0] == "scheduler":
         stop_group(proc.pid, grace)
-        code = proc.wait()
     if group_members(proc.pid) and not spec.get("keep_children"):
         stop_group(proc.pid, grace)
-    code = TIMED_OUT if stopped == "timeout" else (128 - code if code < 0 else code)
+    code = TIMED_OUT if stopped[0] == "timeout" else (128 - code if code < 0 else code)
     ended = time.time()
     write_atomic(os.path.join(run_dir, "timing.json"), json.dumps(
         {"started": job["started"], "ended": ended, "seconds": ended - job["started"],
-         "stopped": stopped, "notes": notes}))
+         "stopped": stopped[0], "notes": notes}))
     write_atomic(os.path.join(run_dir, "exit_code"), "%d\n" % code)
-    os._exit(0)
+    return code
 
 
 def main(spec):
@@ -772,6 +990,8 @@ def main(spec):
                 script = None
         if script is None:
             fail("cwd", "nowhere to write the script on the host: " + "; ".join(notes))
+    if spec.get("batch"):  # on a login node: submit, and the job does the rest
+        submit_batch(spec, script, run_dir, cwd)
     if spec.get("command"):  # a command: an argument vector, resolved on PATH below
         argv = list(spec["command"])
         display = spec.get("display") or " ".join(argv)
@@ -788,6 +1008,10 @@ def main(spec):
     env.update(spec.get("env") or {})  # the launch variables (FABFLEET_HOST, …)
     found = which(argv[0], env.get("PATH"), cwd)
     if found is None:
+        if spec.get("in_batch"):  # the job's output says why; its exit code is 127
+            write_file(run_dir, "stdout", "fabfleet: %s: not found on the compute node %s "
+                       "(PATH=%s)\n" % (argv[0], os.uname()[1], env.get("PATH", "")), notes)
+            write_file(run_dir, "exit_code", "%d\n" % COMMAND_MISSING, notes)
         sys.stderr.write("%scommand: %s: not found on this host (PATH=%s)\n"
                          % (ERROR, argv[0], env.get("PATH", "")))
         sys.stderr.flush()
@@ -803,6 +1027,8 @@ def main(spec):
     started = time.time()
     write_file(run_dir, "command.json", json.dumps({"argv": argv, "cwd": cwd,
                                                     "display": display}), notes)
+    if spec.get("in_batch"):
+        os._exit(supervise(spec, argv, display, cwd, env, run_dir, notes, batch=True))
     if spec.get("detach"):
         if run_dir is None:
             fail("cwd", "a detached job needs its run dir: " + "; ".join(notes))
@@ -897,7 +1123,8 @@ def main(spec):
 
 
 COMMANDS = {"run": main, "jobs": cmd_jobs, "kill": cmd_kill, "logs": cmd_logs,
-            "stop": cmd_stop, "clean": cmd_clean, "port": cmd_port, "queue": cmd_queue}
+            "stop": cmd_stop, "clean": cmd_clean, "port": cmd_port, "queue": cmd_queue,
+            "batch-run": cmd_batch_run}
 
 if __name__ == "__main__":
     if len(sys.argv) > 2:

@@ -203,10 +203,20 @@ def in_env(host: Host, script: str, *, project: str | None = None, activate: boo
     the host never see a secret in ``/proc/PID/cmdline``. With ``shell: login`` the
     values reach the login shell in its environment (private to the user), not its
     argv."""
+    return from_stdin(workdir_guard(host, project),
+                      env_script(host, script, project=project, activate=activate,
+                                 report_env_error=report_env_error), stdin)
+
+
+def env_script(host: Host, script: str, *, project: str | None = None, activate: bool = True,
+               report_env_error: bool = False, values: str | None = None) -> str:
+    """The shell text :func:`in_env` runs after its guard: ``values`` (the statement that
+    sets the ``env`` values; default: their ``export``), setup lines, activation, the
+    interpreter check, then ``script``. A batch job's script is built from it too."""
     act = (run_activation(host, project) if activate else "") or "true"
     py = q(host.python)
     first = ""
-    guard = workdir_guard(host, project)
+    values = exports(host.env) if values is None else values
     if report_env_error:
         first = 'fabfleet_env_err=; fabfleet_t=$(mktemp) || fabfleet_t=/dev/null; '
         # Activate in this shell (a subshell would not keep it); keep its stderr.
@@ -220,17 +230,32 @@ def in_env(host: Host, script: str, *, project: str | None = None, activate: boo
              f"{q(f'{ERR} python: {host.python} not found on this host')} >&2; exit 127; }}; ")
     setup = _setup(host, report_env_error)
     if host.shell != "login":
-        return from_stdin(guard, first + exports(host.env) + setup + activation_part + check
-                          + script, stdin)
+        return first + values + setup + activation_part + check + script
     # The login shell runs the setup lines, then becomes sh (exec) with their environment.
     # The env values go to it in the environment (re-applied after its profile scripts).
     inner = ('eval "$fabfleet_exports"; unset fabfleet_exports; ' + first + setup
              + ("export fabfleet_env_err fabfleet_t; " if report_env_error else "")
              + 'exec /bin/sh -c "$1"')
-    values = exports(host.env)
-    return from_stdin(guard, f"fabfleet_exports={q(values)}; " + values
-                      + f'export fabfleet_exports; exec "${{SHELL:-/bin/sh}}" -l -c {q(inner)} '
-                      + "fabfleet-login " + q(activation_part + check + script), stdin)
+    return (f"fabfleet_exports={q(values)}; " + values
+            + f'export fabfleet_exports; exec "${{SHELL:-/bin/sh}}" -l -c {q(inner)} '
+            + "fabfleet-login " + q(activation_part + check + script))
+
+
+#: In a batch job's script, replaced by the run dir (quoted) on the login node.
+RUN_DIR_SLOT = "@FABFLEET_RUN_DIR@"
+
+
+def batch_script(host: Host, project: str, run: str) -> str:
+    """A batch job's script (``#!/bin/sh``, run by the scheduler on a compute node): the
+    work-dir guard, the ``env`` values from ``env.sh`` in the (0700) run dir — never in
+    the script, which the scheduler keeps and shows — the setup lines, the activation,
+    the interpreter check, then ``run``, which may use ``"$fabfleet_run_dir"``. No
+    ``#SBATCH``/``#PBS`` lines: directives go on the submit command line as words."""
+    values = '. "$fabfleet_run_dir/env.sh"; '
+    return ("#!/bin/sh\n# a fabfleet run (see job.json next to this file)\n"
+            f"fabfleet_run_dir={RUN_DIR_SLOT}; export fabfleet_run_dir\n"
+            + workdir_guard(host, project) + "\n"
+            + env_script(host, run, project=project, values=values) + "\n")
 
 
 def env_failure(host: Host, stderr: str) -> str:
