@@ -144,6 +144,8 @@ def check_report(report: Mapping[str, Any]) -> None:
                              "memory free",
                              "disk free", "load", "gpus"], rows))
     for name, r in report["hosts"].items():
+        if r.get("scheduler"):
+            say(f"{name}: {login_node(r)}")
         if r.get("error"):
             say(r["error"], mark="✗")
         for w in r.get("warnings") or []:
@@ -156,6 +158,22 @@ def check_report(report: Mapping[str, Any]) -> None:
                        " (! = not yours)"), mark="!")
     n_ok = sum(r["ok"] for r in report["hosts"].values())
     say(f"{n_ok}/{len(report['hosts'])} hosts ready")
+
+
+def login_node(r: Mapping[str, Any]) -> str:
+    """One line about a login node: its scheduler, partitions, and the compute node the
+    check job ran on."""
+    sched = r["scheduler"]
+    queues = ", ".join(f"{q['name']}{'*' if q.get('default') else ''} ({q.get('state')}"
+                       + (f", {q['nodes']} nodes" if q.get("nodes") else "")
+                       + (f", limit {q['time_limit']}" if q.get("time_limit") else "") + ")"
+                       for q in sched.get("queues") or []) or "none listed"
+    node = r.get("compute") or {}
+    where = ("" if not node or node.get("error") else
+             f"; compute node {node.get('node')}: Python {node.get('python')}, work dir "
+             f"shared{' (checked earlier)' if node.get('cached') else ''}")
+    return (f"{sched.get('version') or sched['name']}, "
+            f"{'partitions' if sched['name'] == 'slurm' else 'queues'} {queues}{where}")
 
 
 def holders(gpu: Mapping[str, Any]) -> str:
@@ -191,9 +209,25 @@ def jobs_table(title: str, per_host: Mapping[str, Sequence[Mapping[str, Any]]]):
     for h, runs in per_host.items():
         for r in runs:
             code = "-" if r["exit_code"] is None else str(r["exit_code"])
-            rows.append([h, r["run_id"], r["project"], word(r["status"]), code, age(r["age"]),
+            rows.append([h, r["run_id"], r["project"], status_text(r), code, age(r["age"]),
                          r["command"]])
     return table(title, ["host", "run id", "project", "status", "exit", "age", "command"], rows)
+
+
+def status_text(run: Mapping[str, Any]) -> Any:
+    """A run's status as shown: a batch job's with the scheduler's word — ``pending
+    (Resources)``, ``killed (TIMEOUT)``, ``running (job 123)``."""
+    status = run["status"]
+    if not run.get("scheduler"):
+        return word(status)
+    extra = (run.get("reason") if status == "pending" else
+             run.get("sched_state") or run.get("killed_by") if status in ("killed", "lost")
+             else f"job {run.get('job_id')}" if status == "running" else
+             (run.get("error") or "")[:60] if status == "unknown" else None)
+    out = word(status)
+    if extra and extra not in ("None", "GONE"):
+        out.append(f" ({extra})")
+    return out
 
 
 def runs_table(title: str, results) -> int:

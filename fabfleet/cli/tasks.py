@@ -436,11 +436,16 @@ def logs(c, run_id, host=None, follow=False, stderr=False):
     if not follow:
         return
     status, code = report["status"], report["exit_code"]
+    if status == "lost" and report.get("scheduler"):
+        from ..host.batch import outcome
+        raise Exit(f"fabfleet: {h.name}: job {run_id} is lost: " + " ".join(
+            outcome(h, report)[2]), 255)
     if status == "lost":
         raise Exit(f"fabfleet: {h.name}: job {run_id} is lost: its process is gone without an "
                    "exit code (killed outside fabfleet, or the host rebooted)", 255)
     if status == "killed":
-        render.say(f"fabfleet: {h.name}: job {run_id} was killed ({report.get('killed_by')})",
+        render.say(f"fabfleet: {h.name}: job {run_id} was killed ("
+                   f"{(report.get('sched_state') or 'GONE').replace('GONE', '') or report.get('killed_by')})",
                    err=True)
     raise Exit(code=code if code is not None else 255)
 
@@ -457,6 +462,9 @@ def kill(c, run_id, host=None, signal="TERM", json_=False):
     report = Job(h, run_id).kill(sig)
     if json_:
         _json(report)
+    elif report.get("signalled") and report.get("scheduler"):
+        print(f"{h.name}: {report['scheduler']} job {report.get('job_id')} (run {run_id}) "
+              f"cancelled; status {report['status']}, exit code {report['exit_code']}")
     elif report.get("signalled"):
         how = " (then SIGKILL: it outlived the grace period)" if report.get("escalated") else ""
         print(f"{h.name}: job {run_id} killed with SIG{sig}{how}; status {report['status']}, "

@@ -26,6 +26,10 @@ STOP_GRACE = 2.0
 #: ``queue-cancel``: a queue's drainer has this long to notice and end (a task start in
 #: progress) before it is stopped; no task starts after that.
 DRAINER_STOP = 10.0
+#: check-env on a login node: the compute-node check job may wait and run this long
+#: (then it is cancelled); its result is reused for COMPUTE_CHECK_AGE seconds.
+COMPUTE_CHECK = 120.0
+COMPUTE_CHECK_AGE = 86400.0
 #: A short remote command (mkdir, cat of a small file, a runner sub-command).
 QUICK_COMMAND = 60.0
 #: Listing, cleaning or checksumming a tree on the host.
@@ -115,5 +119,7 @@ def table() -> list[tuple[str, str]]:
         ("`logs --follow` after a dropped connection", f"reconnects for {RECONNECT_FOR:g} s "
          "per outage; the host-side follower ends with its client"),
         ("queue-cancel, a host's drainer ending", f"{DRAINER_STOP:g} s, then stopped"),
+        ("check-env's compute-node job on a login node", f"{COMPUTE_CHECK:g} s queued and "
+         f"running, then cancelled; its result is reused for {COMPUTE_CHECK_AGE / 3600:g} h"),
         ("Jupyter / a Dask scheduler starting", f"{APP_START:g} s"),
     ]

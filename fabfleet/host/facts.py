@@ -94,7 +94,19 @@ def parse_work_dir(raw: dict) -> dict:
             "disk_total": raw["total"]}
 
 
+def parse_scheduler(raw: dict | None) -> dict:
+    """A login node's scheduler: ``{"scheduler": {"name", "version", "commands",
+    "queues": [...]}}`` (nothing on other hosts)."""
+    if raw is None:
+        return {}
+    return {"scheduler": {"name": raw["name"], "version": raw.get("version"),
+                          "commands": raw.get("found") or {},
+                          "queues": raw.get("queues") or [], "error": raw.get("error")},
+            "compute_cache": raw.get("compute")}
+
+
 FACTS: Sequence[Fact] = (
+    Fact("scheduler", parse_scheduler),
     Fact("python", parse_python),
     Fact("cloudpickle", lambda v: {"cloudpickle": v}),
     Fact("packages", lambda v: {"packages": v}),
@@ -110,7 +122,7 @@ def probe_command(host: Host, require: Sequence[str] = (), project: str | None =
                   facts: Sequence[str] | None = None) -> shell.Remote:
     """The one command that gathers every fact (or only ``facts``): the probe, in the
     host's env; a failed activation is reported by the probe rather than fatal."""
-    args = {"require": list(require), "work_dir": host.work_dir,
+    args = {"require": list(require), "work_dir": host.work_dir, "scheduler": host.scheduler,
             "facts": list(facts) if facts is not None else [f.name for f in FACTS]}
     return python_command(host, probe, [json.dumps(args)], project=project,
                           report_env_error=True)
@@ -154,7 +166,7 @@ def interpret(host: Host, raw: dict, require: Sequence[str] = ()) -> dict:
         problems.append(f"work dir {report.get('work_dir')} is not writable; fix its "
                         "permissions or set `work_dir` in the inventory")
     missing = [name for name, version in (report.get("packages") or {}).items() if not version]
-    if missing:
+    if missing and not host.scheduler:  # on a login node they matter on the compute nodes
         problems.append(f"required packages missing: {', '.join(missing)} (install them in the "
                         "host's env, e.g. `inv setup-workdir --requirements requirements.txt`)")
     if report.get("python") and not report.get("python_matches_local"):
@@ -164,6 +176,16 @@ def interpret(host: Host, raw: dict, require: Sequence[str] = ()) -> dict:
             f"CPython {local} like this machine: scripts run, pickled payloads will be refused")
     if report.get("gpu_error"):
         report["warnings"].append(report["gpu_error"])
+    sched = report.get("scheduler")
+    if sched:
+        missing = [p for p, where in sched["commands"].items() if not where]
+        if missing:
+            problems.append(f"{', '.join(missing)} not found on the login node (after the "
+                            "host's setup lines): add the line that provides them to `setup:` "
+                            "(e.g. `module load slurm`), or fix `scheduler:`")
+        elif not sched["queues"]:
+            report["warnings"].append(f"the scheduler lists no partitions/queues "
+                                      f"({sched.get('error') or 'empty answer'})")
     report["ok"] = not problems
     if problems:
         report["error"] = f"{host.name}: " + "; ".join(problems) + "."
@@ -191,7 +213,8 @@ def _raw_facts(c, command: shell.Remote, action: str) -> tuple[dict, str]:
             exit_code=result.exit_code, stderr=result.stderr) from None
 
 
-def check_env(c, *, require: Sequence[str] = (), project: str | None = None) -> dict:
+def check_env(c, *, require: Sequence[str] = (), project: str | None = None,
+              compute: bool = True) -> dict:
     """Gather and judge the facts of the host behind connection ``c`` (one round trip).
 
     Returns the per-host dict of ``check-env --json`` (``ok``, ``error``, ``python``, …).
@@ -201,7 +224,33 @@ def check_env(c, *, require: Sequence[str] = (), project: str | None = None) -> 
     host: Host = c.fleet_host
     raw, _ = _raw_facts(c, probe_command(host, require, project),
                         f"run the environment probe with {host.python}")
-    return interpret(host, raw, require)
+    report = interpret(host, raw, require)
+    cache = report.pop("compute_cache", None)
+    if host.scheduler and compute and report["ok"]:
+        from .batch_calls import cached_compute, compute_check
+        node = cached_compute(host, cache, require) or compute_check(c, require, project)
+        report["compute"] = node
+        judge_compute(host, report, node)
+    return report
+
+
+def judge_compute(host: Host, report: dict, node: dict) -> None:
+    """Fold a login node's compute-node check into its report: a check that could not
+    run, or packages missing there, make the host not ok."""
+    problems = []
+    if node.get("error"):
+        problems.append(f"compute node: {node['error']}")
+    missing = [n for n, v in (node.get("packages") or {}).items() if not v]
+    if missing:
+        problems.append(f"required packages missing on the compute node {node.get('node')}: "
+                        f"{', '.join(missing)} (install them in the env the jobs use)")
+    if node.get("python") and not node.get("python_matches_local"):
+        report["warnings"].append(f"the compute node's Python is {node['python']}, not "
+                                  f"this machine's: pickled calls will fail there")
+    if problems:
+        report["ok"] = False
+        report["error"] = "; ".join(filter(None, [report.get("error"),
+                                                  f"{host.name}: " + "; ".join(problems) + "."]))
 
 
 # -- top: a live snapshot of load, memory, disk, GPUs and jobs ------------------------------

@@ -101,7 +101,65 @@ def nvidia_smi():
     return out
 
 
-FACTS = {"python": python, "cloudpickle": cloudpickle, "packages": packages,
+def _out(argv):
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=30)
+    except OSError as exc:
+        return 127, "", "%s: %s" % (argv[0], exc.strerror or exc)
+    except subprocess.TimeoutExpired:
+        return 124, "", "%s did not answer within 30s" % argv[0]
+    return proc.returncode, proc.stdout.decode("utf-8", "replace"), \
+        proc.stderr.decode("utf-8", "replace")
+
+
+def scheduler():
+    """On a login node (``scheduler`` given): the scheduler's commands as found after
+    the setup lines, its version, its partitions/queues, and the last compute-node check
+    (``<work_dir>/.fabfleet-compute.json``, written by check-env)."""
+    name = args.get("scheduler")
+    if not name:
+        return None
+    out = {"name": name, "found": {}, "version": None, "queues": [], "error": None}
+    programs = ("sbatch", "squeue", "scancel", "sinfo") if name == "slurm" else \
+        ("qsub", "qstat", "qdel")
+    for program in programs:
+        out["found"][program] = shutil.which(program)
+    if name == "slurm":
+        code, text, err = _out(["sinfo", "--version"])
+        out["version"] = text.strip() or None
+        code, text, err = _out(["sinfo", "-h", "-o", "%P|%a|%D|%c|%m|%l"])
+        for line in text.splitlines() if code == 0 else []:
+            p = line.strip().split("|")
+            if len(p) == 6:
+                out["queues"].append({"name": p[0].rstrip("*"), "default": p[0].endswith("*"),
+                                      "state": p[1], "nodes": p[2], "cpus": p[3],
+                                      "memory_mb": p[4], "time_limit": p[5]})
+    else:
+        code, text, err = _out(["qstat", "--version"])
+        out["version"] = (text or err).strip() or None
+        code, text, err = _out(["qstat", "-Q", "-f", "-F", "json"])
+        try:
+            queues = json.loads(text).get("Queue") or {} if code == 0 else {}
+        except ValueError:
+            queues = {}
+        for qname, q in sorted(queues.items()):
+            out["queues"].append({"name": qname, "default": False,
+                                  "state": "up" if q.get("enabled") in ("True", True) and
+                                  q.get("started") in ("True", True) else "down",
+                                  "time_limit": (q.get("resources_max") or {}).get("walltime")})
+    if code != 0 and not out["queues"]:
+        out["error"] = err.strip()[-300:]
+    try:
+        with open(os.path.join(os.path.expanduser(args["work_dir"]),
+                               ".fabfleet-compute.json")) as f:
+            out["compute"] = json.load(f)
+    except (OSError, ValueError):
+        out["compute"] = None
+    return out
+
+
+FACTS = {"scheduler": scheduler, "python": python, "cloudpickle": cloudpickle, "packages": packages,
          "work_dir": work_dir, "meminfo": meminfo, "cpus": cpus, "load": load,
          "nvidia_smi": nvidia_smi}
 
