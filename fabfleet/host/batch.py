@@ -65,7 +65,7 @@ def outcome(host: Host, report: dict) -> tuple[int, str | None, tuple[str, ...]]
     if status == "exited":
         return code, None, ()
     if status == "killed":
-        why = report.get("sched_state") or report.get("killed_by") or "cancelled"
+        why = report.get("killed_by") or report.get("sched_state") or "cancelled"
         return (code if code is not None else 143), "scheduler", (
             f"{job} was ended by the scheduler ({why}){tail}",)
     if status == "lost":

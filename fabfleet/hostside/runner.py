@@ -322,11 +322,20 @@ def batch_status(run_dir, job, killed, code):
     import fabfleet_batch
     node = read_json(os.path.join(run_dir, "node.json")) or {}
     state, reason, error = None, None, None
-    if killed is not None and code is None or code is None and job.get("job_id"):
-        st = sched_states([(job["scheduler"], job["job_id"])])[(job["scheduler"], job["job_id"])] \
-            if job.get("job_id") else {}
+    ask = code is None or killed is not None and not killed.get("state")
+    if ask and job.get("job_id"):
+        st = sched_states([(job["scheduler"], job["job_id"])])[(job["scheduler"], job["job_id"])]
         state, reason, error = st.get("state"), st.get("reason"), st.get("error")
+        if state in fabfleet_batch.ACTIVE and reason == "TimeLimit":
+            state = "TIMEOUT"  # Slurm: COMPLETING (TimeLimit) until its processes are gone
         code = read_exit_code(run_dir)  # written since we looked?
+        if state in fabfleet_batch.KILLED and (killed or {}).get("state") != state:
+            # The scheduler's verdict (TIMEOUT, PREEMPTED, …) is kept: it forgets it soon.
+            killed = dict(killed or {"signal": state, "by": "scheduler", "at": time.time()},
+                          state=state)
+            write_atomic(os.path.join(run_dir, "killed"), json.dumps(killed))
+    elif killed is not None:
+        state = killed.get("state")
     if killed is not None:
         status = "killed"
     elif code is not None:
@@ -350,7 +359,9 @@ def batch_status(run_dir, job, killed, code):
            "command": job.get("display") or "", "started": node.get("started") or job.get("started"),
            "age": time.time() - job["started"] if job.get("started") else None,
            "pid": node.get("pid"), "run_dir": run_dir,
-           "killed_by": (killed or {}).get("signal") or (state if status == "killed" else None),
+           "killed_by": ((killed or {}).get("state") if (killed or {}).get("by") == "scheduler"
+                         else None) or (killed or {}).get("signal") or
+                        (state if status == "killed" else None),
            "tag": job.get("tag"), "scheduler": job["scheduler"], "job_id": job.get("job_id"),
            "cluster": job.get("cluster"), "sched_state": state, "reason": reason,
            "node": node.get("node")}
@@ -808,6 +819,12 @@ def cmd_logs(spec):
             os._exit(0)
         elif client is None:
             time.sleep(0.2)
+    if spec.get("follow") and state.get("scheduler") and state["status"] == "killed" and \
+            state.get("killed_by") == "SIGTERM":  # by the scheduler: wait for its verdict
+        deadline = time.time() + 10
+        while time.time() < deadline and state.get("killed_by") == "SIGTERM":
+            time.sleep(1)
+            state = job_status(run_dir)
     sys.stderr.write(REPORT + json.dumps(dict(state, offset=offset)) + "\n")
 
 
