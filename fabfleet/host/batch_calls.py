@@ -27,9 +27,9 @@ from ..hostside import batch_call, probe, worker
 from ..ssh import shell
 from ..ssh.connect import connect
 from ..ssh.exec import execute
-from ..ssh.launch import source
+from ..ssh.launch import shipped_with, source
 from . import batch
-from .jobs import Job, _remote
+from .jobs import Job, runner_call
 from .runspec import new_run_id, run_spec
 from .slots import host_slots
 
@@ -54,7 +54,7 @@ def _submit(c, files: dict[str, bytes], command: list[str], display: str, *,
             action=f"make the run dir {run_dir}")
     for name, data in files.items():
         c.put(io.BytesIO(data), remote=f"{where}/{name}")
-    report, _ = _remote(c, "run", spec, action=f"submit {display} to {host.scheduler}",
+    report, _ = runner_call(c, "run", spec, action=f"submit {display} to {host.scheduler}",
                         project=project)
     return Job(host, run_id, report), run_dir
 
@@ -78,7 +78,8 @@ def call(host: Host, blob: bytes, *, on_output, timeout: float | None = None,
         if cancel is not None and cancel.is_set():
             raise CommandError(host.name, "the call was not submitted: it was cancelled first")
         files = {"batch_call.py": source(batch_call).encode(),
-                 "fabfleet_worker.py": source(worker).encode(),
+                 **{f"{name}.py": text.encode()
+                    for name, text in shipped_with(batch_call).items()},
                  "cloudpickle.zip": cloudpickle_zip(),
                  "call.bin": pickle.dumps(("chunk" if kind == worker.CHUNK else "call",
                                            define[1] if define else None, blob), protocol=4)}

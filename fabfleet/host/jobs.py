@@ -37,7 +37,7 @@ from .slots import host_slots
 SIGNALS = ("TERM", "INT", "HUP", "KILL", "QUIT", "USR1", "USR2")
 
 
-def _remote(c, command: str, spec: dict, *, action: str, timeout: float | None = QUICK_COMMAND,
+def runner_call(c, command: str, spec: dict, *, action: str, timeout: float | None = QUICK_COMMAND,
             on_stdout: Callable[[bytes], None] | None = None,
             project: str | None = None, heartbeat: bool = False) -> tuple[dict | list, str]:
     """Run a runner sub-command on the host (in ``project``'s env); its report and its
@@ -93,7 +93,7 @@ class Job:
     def status(self) -> dict:
         """``{"run_id", "status", "exit_code", "command", "age", …}`` from the host."""
         with self._conn() as c:
-            report, _ = _remote(c, "jobs", {"runs_root": layout(self.host, "")["all_runs"]},
+            report, _ = runner_call(c, "jobs", {"runs_root": layout(self.host, "")["all_runs"]},
                                 action="list jobs")
         for entry in report:
             if entry["run_id"] == self.run_id:
@@ -139,7 +139,7 @@ class Job:
                 with contextlib.nullcontext(given) if given is not None else self._conn() as c:
                     given = None
                     lost_since = None  # connected: the outage (if any) is over
-                    report, _ = _remote(c, "logs", self._spec(stream=stream, offset=got[0],
+                    report, _ = runner_call(c, "logs", self._spec(stream=stream, offset=got[0],
                                                               follow=follow),
                                         action=f"read the output of {self.run_id}",
                                         timeout=None,
@@ -164,7 +164,7 @@ class Job:
         if name not in SIGNALS:
             raise LocalError(f"signal {signal!r}: expected one of {', '.join(SIGNALS)}")
         with self._conn() as c:
-            report, _ = _remote(c, "kill", self._spec(signal=f"SIG{name}", grace=grace),
+            report, _ = runner_call(c, "kill", self._spec(signal=f"SIG{name}", grace=grace),
                                 action=f"kill job {self.run_id}",
                                 timeout=grace + QUICK_COMMAND)
         return report
@@ -174,7 +174,7 @@ def list_jobs(c, project: str | None = None) -> list[dict]:
     """Every run of ``project`` (``None``: every project) on the host behind ``c``, in
     one round trip: run id, project, status, exit code, command, age, …"""
     spec = {"runs_root": layout(c.fleet_host, "")["all_runs"], "project": project}
-    report, _ = _remote(c, "jobs", spec, action="list jobs")
+    report, _ = runner_call(c, "jobs", spec, action="list jobs")
     return report
 
 
@@ -187,7 +187,7 @@ def queue_state(c, queues_root: str, name: str, *, cancel: bool = False,
     ``to`` and returns ``{"taken": [task, …]}`` (one round trip)."""
     spec = {"queues_root": queues_root, "name": name, "cancel": cancel, "retry": retry,
             "grace": STOP_GRACE, "drainer_grace": DRAINER_STOP, "take": take, "to": to, "add": add or []}
-    report, _ = _remote(c, "queue", spec, action=f"read queue {name}",
+    report, _ = runner_call(c, "queue", spec, action=f"read queue {name}",
                         timeout=QUICK_COMMAND + DRAINER_STOP + STOP_GRACE)
     return None if report.get("absent") else report
 
@@ -195,7 +195,7 @@ def queue_state(c, queues_root: str, name: str, *, cancel: bool = False,
 def free_port(c) -> int:
     """A TCP port free on the host behind ``c`` right now (the kernel's pick), for a
     program launched across hosts to meet on (``FABFLEET_PORT``)."""
-    report, _ = _remote(c, "port", {}, action="find a free port")
+    report, _ = runner_call(c, "port", {}, action="find a free port")
     return int(report["port"])
 
 
@@ -212,7 +212,7 @@ def clean(c, project: str, *, identity: dict[str, str] | None = None, code: bool
             "code_dir": lay["project"] if code else None,
             "venv_dir": lay["venv"] if venv else None,
             "identity": (identity or {}).get("id"), "force": force, "grace": STOP_GRACE}
-    report, _ = _remote(c, "clean", spec, action="clean the work dir", timeout=TREE_COMMAND)
+    report, _ = runner_call(c, "clean", spec, action="clean the work dir", timeout=TREE_COMMAND)
     return report
 
 
@@ -246,7 +246,7 @@ def start_job(c, script: str | Path | None, args: Sequence[str] = (), *,
         spec["batch"] = batch.batch_spec(host, project, sbatch, qsub)
         label = f"{label} to {host.scheduler}"
     with host_slots(host):  # starting it counts against max_jobs, like a run or a call
-        report, _ = _remote(c, "run", spec, action=f"start {label} as a job in "
+        report, _ = runner_call(c, "run", spec, action=f"start {label} as a job in "
                             f"{lay['project']}", timeout=QUICK_COMMAND, project=project)
     return Job(host, run_id, report)
 

@@ -186,7 +186,7 @@ def _run_batch(c, spec: dict, label: str, lay: dict, project: str,
                on_stderr: Callable[[bytes], None] | None) -> RunResult:
     """An attached run on a login node: submit the job, then follow its output until it
     ends (registered as an active run: Ctrl-C cancels the job)."""
-    from .jobs import Job, _remote
+    from .jobs import Job, runner_call
     host: Host = c.fleet_host
     key = (host.name, spec["run_dir"])
     started = time.monotonic()
@@ -197,7 +197,7 @@ def _run_batch(c, spec: dict, label: str, lay: dict, project: str,
                                    "interrupted (Ctrl-C) first")
             _active[key] = c
         try:
-            report, _ = _remote(c, "run", spec, action=f"submit {label} to "
+            report, _ = runner_call(c, "run", spec, action=f"submit {label} to "
                                 f"{host.scheduler} from {lay['project']}", project=project)
             batch.on_submitted(host, report, on_stderr)
             final = Job(host, spec["run_id"], report).logs(follow=True, on_output=on_stdout,

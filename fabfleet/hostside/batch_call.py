@@ -12,6 +12,8 @@ import os
 import pickle
 import sys
 
+SHIPS_WITH = ("worker",)  # uploaded next to this file as fabfleet_worker.py
+
 
 def main(run_dir):
     sys.path.insert(0, os.path.join(run_dir, "cloudpickle.zip"))

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..config.inventory import Host
-from ..hostside import batch, boot, gpus
+from ..hostside import batch, boot, gpus, worker
 from . import shell
 
 
@@ -47,7 +47,7 @@ def shipped_with(module: ModuleType) -> dict[str, str]:
 
 
 #: Host-side modules other host-side programs may ship with (``SHIPS_WITH``).
-SHIPPABLE = {"gpus": gpus, "batch": batch}
+SHIPPABLE = {"gpus": gpus, "batch": batch, "worker": worker}
 
 
 def python_command(host: Host, module: ModuleType, args: Sequence[str] = (), *,
