@@ -242,6 +242,12 @@ def start_job(c, script: str | Path | None, args: Sequence[str] = (), *,
         spec["timeout"] = timeout
     if env_file is not None:
         spec["env_file"] = env_file
+    if host.scheduler and tag is not None:  # fabfleet's own services need a reachable host
+        raise CommandError(host.name, f"{host.name} is a {host.scheduler} login node: "
+                           f"{tag.split(':')[0]} cannot run there (its compute nodes are not "
+                           "reachable from here, and services do not belong on a login node). "
+                           "Use run-remote/run there (batch jobs), or an inventory entry for a "
+                           "machine you may run services on.")
     if host.scheduler or sbatch or qsub:
         spec["batch"] = batch.batch_spec(host, project, sbatch, qsub)
         label = f"{label} to {host.scheduler}"
