@@ -229,6 +229,8 @@ def check_env(c, *, require: Sequence[str] = (), project: str | None = None,
     if host.scheduler and compute and report["ok"]:
         from .batch_calls import cached_compute, compute_check
         node = cached_compute(host, cache, require) or compute_check(c, require, project)
+        node = dict(node, packages={n: v for n, v in (node.get("packages") or {}).items()
+                                    if n in require})  # a cached check may have asked more
         report["compute"] = node
         judge_compute(host, report, node)
     return report

@@ -555,6 +555,13 @@ def stop_run(run_dir, grace):
         write_atomic(os.path.join(run_dir, "killed"), json.dumps(
             {"signal": "SIGTERM", "at": time.time()}))
         signal_group(job["pgid"], signal.SIGTERM, grace)
+        # Its runner records the end (timing, exit code): wait for it, so that what
+        # follows (a clean removing the run dir, a status) sees the run finished.
+        deadline = time.time() + grace + 5
+        while time.time() < deadline and read_exit_code(run_dir) is None and \
+                job.get("runner_ticks") is not None and \
+                start_ticks(job.get("runner_pid") or 0) == job["runner_ticks"]:
+            time.sleep(0.05)
 
 
 def cmd_stop(spec):
