@@ -78,6 +78,7 @@ def outcome(host: Host, report: dict) -> tuple[int, str | None, tuple[str, ...]]
 
 def on_submitted(host: Host, report: dict, say: Callable[[bytes], None] | None) -> None:
     if say is not None:
-        cluster = f" on cluster {report['cluster']}" if report.get("cluster") else ""
+        cluster = f" on cluster {report['cluster']}" if report.get("cluster") and \
+            report.get("scheduler") == "slurm" else ""
         say(f"fabfleet: {host.name}: submitted {report['scheduler']} job {report['job_id']}"
             f"{cluster} (run {report['run_id']}); Ctrl-C cancels it\n".encode())
