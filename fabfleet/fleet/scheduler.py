@@ -6,8 +6,11 @@ stalls the others. A host that cannot be reached, or has the wrong Python, hands
 work back to the others; when no host is left, what remains fails with the last host's
 error. Work is either a whole pickled call (:class:`FleetExecutor`, and ``map`` with a
 per-item ``timeout``) or an item of a map: consecutive items of one map travel together
-in chunks that grow until a call takes about :data:`CHUNK_SECONDS` (never more than a
-fair share of what is left), with the function sent once per worker.
+in chunks — index ranges, ``items[start:stop]`` on the wire — that start at
+:data:`FIRST_CHUNK` and grow until a call takes about :data:`CHUNK_SECONDS`, never more
+than a fair share of what is left and, for tiny items, never fewer than
+:data:`MIN_CHUNK` until the very end; the function is sent once per worker. Results are
+filled in by slice; only failed items get an outcome object.
 
 :func:`run_on_hosts` is the other shape: the same call once on every host.
 """
@@ -35,7 +38,9 @@ from .fanout import FanOutResult, fan_out
 
 Progress = Callable[[int, int], None]  # (items done, items total)
 CHUNK_SECONDS = 0.05  # a map chunk grows until one call takes about this long
-MAX_CHUNK = 4096
+MAX_CHUNK = 8192
+FIRST_CHUNK = 8  # items in a slot's first chunk (of a map whose share allows it)
+MIN_CHUNK = 64  # tiny items never travel fewer than this, but at the very end
 
 
 # -- the scheduler ---------------------------------------------------------------------
@@ -51,17 +56,40 @@ class _Work:
         self.blob, self.done, self.begin = blob, done, begin
 
 
-class _Batch:
-    """A map's items, handed out in chunks of indices. The function (``(id, pickle)``)
-    is sent once per worker; ``finish(host, indices, outcomes)`` receives each chunk's
-    outcomes (``(value, error)`` per index)."""
+# finish(host, start, stop, values, errors): a chunk's outcome — ``values`` for
+# items[start:stop] (None when the whole chunk failed) and ``errors``, either
+# ``{offset: exception}`` or one exception for the whole chunk.
+Finish = Callable[[str | None, int, int, list | None, Any], None]
 
-    def __init__(self, fn: Callable, items: Sequence[Any],
-                 finish: Callable[[str | None, list[int], list[tuple[Any, Any]]], None]) -> None:
+
+class _Batch:
+    """A map's items, handed out as index ranges. The function (``(id, pickle)``) is sent
+    once per worker; ``finish`` receives each range's outcome (see :data:`Finish`)."""
+
+    def __init__(self, fn: Callable, items: Sequence[Any], finish: Finish) -> None:
         self.define = dumps_function(fn)
         self.items = items
-        self.left: collections.deque[int] = collections.deque(range(len(items)))
+        self.next = 0  # items[next:] have not been handed out
+        self.back: collections.deque[tuple[int, int]] = collections.deque()  # handed back
+        self.remaining = len(items)
         self.finish = finish
+
+    def take(self, n: int) -> tuple[int, int]:
+        """The next range of at most ``n`` items (handed-back ranges first)."""
+        if self.back:
+            a, b = self.back.popleft()
+            if b - a > n:
+                self.back.appendleft((a + n, b))
+                b = a + n
+        else:
+            a = self.next
+            b = self.next = min(len(self.items), a + n)
+        self.remaining -= b - a
+        return a, b
+
+    def give_back(self, a: int, b: int) -> None:
+        self.back.appendleft((a, b))
+        self.remaining += b - a
 
 
 class Scheduler:
@@ -133,9 +161,12 @@ class Scheduler:
             return LocalError("cancelled before it ran")
         return self.last_error or ConnectError("-", "no host left")
 
-    def _take(self, host: Host, size: int) -> tuple[_Work | _Batch, list[int]] | None:
-        """The next work for a slot of ``host``: a call, or a chunk of a batch's indices
-        (at most ``size``, and never more than a fair share of what is left)."""
+    def _take(self, host: Host, size: int | None) -> \
+            tuple[_Work | _Batch, tuple[int, int] | None] | None:
+        """The next work for a slot of ``host``: a call, or a range of a batch's items —
+        at most ``size`` (``None``: the slot's first, :data:`FIRST_CHUNK`) and a fair share
+        of what is left, but for tiny items (``size`` ≥ :data:`MIN_CHUNK`) not fewer than
+        that while there are so many left."""
         with self.cond:
             while True:
                 if host.name not in self.live or self.cancel.is_set():
@@ -145,34 +176,35 @@ class Scheduler:
                     if isinstance(first, _Work):
                         self.queue.popleft()
                         self.in_flight += 1
-                        return first, []
-                    fair = max(1, -(-len(first.left) // self.slots))
-                    n = min(size, fair, len(first.left))
-                    idx = [first.left.popleft() for _ in range(n)]
-                    if not first.left:
+                        return first, None
+                    left = first.remaining
+                    fair = -(-left // self.slots)
+                    if size is None:
+                        n = min(FIRST_CHUNK, fair)
+                    else:
+                        n = min(size, max(fair, MIN_CHUNK if size >= MIN_CHUNK else 1))
+                    a, b = first.take(max(1, min(n, left)))
+                    if not first.remaining:
                         self.queue.popleft()
-                    self.in_flight += n
-                    return first, idx
+                    self.in_flight += b - a
+                    return first, (a, b)
                 if self.closing and self.in_flight == 0:
                     return None
                 self.cond.wait(0.2)  # a dying host may still hand work back
 
-    def _run(self, host: Host, work: _Work | _Batch, idx: list[int]) -> list[tuple[Any, Any]]:
-        if isinstance(work, _Work):
-            value = call_on_host(host, work.blob, on_output=self.output, timeout=self.timeout,
-                                 cancel=self.cancel, project=self.project)
-            return [(value, None)]
-        blob = dumps((work.define[0], [work.items[i] for i in idx]))
-        values = call_on_host(host, blob, on_output=self.output, cancel=self.cancel,
-                              kind=proto.CHUNK, define=work.define, project=self.project)
-        return [(v, None) if tag == "v" else (None, remote_error(host.name, v))
-                for tag, v in values]
+    def _run(self, host: Host, work: _Batch, a: int, b: int) -> tuple[list, dict]:
+        """One range of a batch on ``host``: its values and ``{offset: RemoteError}``."""
+        blob = dumps((work.define[0], work.items[a:b]))
+        values, errors = call_on_host(host, blob, on_output=self.output, cancel=self.cancel,
+                                      kind=proto.CHUNK, define=work.define,
+                                      project=self.project)
+        return values, {k: remote_error(host.name, v) for k, v in errors.items()}
 
     def _slot(self, host: Host) -> None:
-        size = 1
+        size: int | None = None
         while (taken := self._take(host, size)) is not None:
-            work, idx = taken
-            count = len(idx) or 1
+            work, span = taken
+            count = 1 if span is None else span[1] - span[0]
             if isinstance(work, _Work) and work.begin is not None and not work.begin():
                 with self.cond:  # cancelled while queued
                     self.in_flight -= 1
@@ -180,18 +212,25 @@ class Scheduler:
                 continue
             started = time.monotonic()
             requeue = False
+            value: Any = None
+            errors: Any = None
             try:
-                outcomes = self._run(host, work, idx)
+                if span is None:
+                    value = call_on_host(host, work.blob, on_output=self.output,
+                                         timeout=self.timeout, cancel=self.cancel,
+                                         project=self.project)
+                else:
+                    value, errors = self._run(host, work, *span)
             except (ConnectError, PythonMismatchError) as exc:
                 with self.cond:  # the host, not the work, is at fault
                     self.live.discard(host.name)
                     self.last_error = exc
                     requeue = bool(self.live) and not self.cancel.is_set()
-                outcomes = [(None, exc)] * count
+                value, errors = None, exc
             except BaseException as exc:  # noqa: BLE001 - this work's error
-                outcomes = [(None, exc)] * count
-            if idx:
-                per_item = (time.monotonic() - started) / len(idx)
+                value, errors = None, exc
+            if span is not None:
+                per_item = (time.monotonic() - started) / count
                 size = max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / max(per_item, 1e-7))))
             with self.cond:
                 self.in_flight -= count
@@ -199,15 +238,15 @@ class Scheduler:
                     if isinstance(work, _Work):
                         self.queue.appendleft(work)
                     else:
-                        if not work.left and work not in self.queue:
+                        if not work.remaining and work not in self.queue:
                             self.queue.appendleft(work)
-                        work.left.extendleft(reversed(idx))
+                        work.give_back(*span)
                 self.cond.notify_all()
             if not requeue:
                 if isinstance(work, _Work):
-                    work.done(host.name, *outcomes[0])
+                    work.done(host.name, value, errors)
                 else:
-                    work.finish(host.name, idx, outcomes)
+                    work.finish(host.name, span[0], span[1], value, errors)
         self._fail_orphans()
 
     def _fail(self, works: Iterable[_Work | _Batch]) -> None:
@@ -216,9 +255,9 @@ class Scheduler:
             if isinstance(w, _Work):
                 w.done(None, None, error)
             else:
-                left, w.left = list(w.left), collections.deque()
-                if left:
-                    w.finish(None, left, [(None, error)] * len(left))
+                while w.remaining:
+                    a, b = w.take(w.remaining)
+                    w.finish(None, a, b, None, error)
 
     def _fail_orphans(self) -> None:
         """No live host is left (or the work was cancelled): fail what is still queued."""
@@ -387,32 +426,52 @@ def map_hosts(hosts: Iterable[Host], fn: Callable, items: Iterable[Any], *,
     hosts = list(hosts)
     output = on_output or default_output(prefix=len(hosts) > 1)
     scheduler = Scheduler(hosts, on_output=output, timeout=timeout, project=project)
-    results: list[ItemOutcome | None] = [None] * len(items)
+    n = len(items)
+    results: list[Any] = [None] * n
+    done = bytearray(n)  # 1 where an item has its outcome
+    failed: dict[int, tuple[str | None, BaseException]] = {}
+    spans: list[tuple[int, int, str | None]] = []  # which host did which range
     done_count = [0]
 
-    def finish(host: str | None, idx: list[int], outcomes: list[tuple[Any, Any]]) -> None:
-        for i, (value, error) in zip(idx, outcomes):
-            results[i] = ItemOutcome(i, host, value=value) if error is None else \
-                ItemOutcome(i, host, error=error)
+    def finish(host: str | None, a: int, b: int, values: list | None, errors: Any) -> None:
+        if values is not None:
+            results[a:b] = values
+        if isinstance(errors, BaseException):  # the whole range failed
+            for i in range(a, b):
+                failed[i] = (host, errors)
+        elif errors:
+            for offset, error in errors.items():
+                failed[a + offset] = (host, error)
+        done[a:b] = b"\x01" * (b - a)
+        spans.append((a, b, host))
         with scheduler.cond:
-            done_count[0] += len(idx)
+            done_count[0] += b - a
             scheduler.cond.notify_all()
     if timeout is None:
         works: list[_Work | _Batch] = [_Batch(fn, items, finish)] if items else []
     else:  # every item its own call, under its own deadline
         works = [_Work(dumps_call(fn, item),
-                       lambda host, value, error, i=i: finish(host, [i], [(value, error)]))
+                       lambda host, value, error, i=i: finish(
+                           host, i, i + 1, None if error else [value], error))
                  for i, item in enumerate(items)]
-    _wait_for(scheduler, works, len(items), done_count, on_progress, progress)
+    _wait_for(scheduler, works, n, done_count, on_progress, progress)
     if hasattr(output, "flush"):
         output.flush()
-    outcomes = [r if r is not None else ItemOutcome(i, None, error=scheduler.no_host_error())
-                for i, r in enumerate(results)]
+    if done_count[0] < n:  # no host was left for some items
+        error = scheduler.no_host_error()
+        for i in (i for i, d in enumerate(done) if not d):
+            failed[i] = (None, error)
+    if not failed:
+        return results
     if return_exceptions:
-        return [o.value if o.ok else o.error for o in outcomes]
-    if any(not o.ok for o in outcomes):
-        raise MapError(outcomes)
-    return [o.value for o in outcomes]
+        for i, (_, error) in failed.items():
+            results[i] = error
+        return results
+    where: list[str | None] = [None] * n
+    for a, b, host in spans:
+        where[a:b] = [host] * (b - a)
+    raise MapError([ItemOutcome(i, failed[i][0], error=failed[i][1]) if i in failed else
+                    ItemOutcome(i, where[i], value=v) for i, v in enumerate(results)])
 
 
 def _wait_for(scheduler: Scheduler, works: list[_Work | _Batch], total: int,

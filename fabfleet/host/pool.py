@@ -483,11 +483,23 @@ _pools: dict[tuple[str, str, str | None], HostPool] = {}
 _pools_lock = threading.Lock()
 
 
+_host_keys: dict[int, tuple[Host, str]] = {}  # id(host) -> (host, its settings as text)
+
+
+def _settings_key(host: Host) -> str:
+    """All of a host's settings as one string (a pool serves one exact host record),
+    computed once per record: a warm call does not pay for ``repr``."""
+    got = _host_keys.get(id(host))
+    if got is None or got[0] is not host:
+        got = _host_keys[id(host)] = (host, repr(host))
+    return got[1]
+
+
 def pool_for(host: Host, project: str | None = None) -> HostPool:
     """The pool for ``host`` and ``project`` (default: the current directory's project,
     from :func:`~fabfleet.config.settings.resolve_project`), whose venv workers activate."""
     project = project or current_project_name()
-    key = (host.name, repr(host), project)
+    key = (host.name, _settings_key(host), project)
     pool = _pools.get(key)
     if pool is None or pool.closed:
         with _pools_lock:

@@ -205,17 +205,20 @@ def error_frame(exc):
 
 
 def run_chunk(fn, items):
-    """``fn(item)`` for each item; per item ``("v", value)`` or ``("e", error)``. An
+    """``fn(item)`` for each item: ``(values, errors)`` — the values in order (``None``
+    where an item failed) and ``{offset: error as text}`` for the items that raised. An
     interrupt (KeyboardInterrupt) stops the whole chunk."""
-    out = []
+    values, errors = [], {}
+    append = values.append
     for item in items:
         try:
-            out.append(("v", fn(item)))
+            append(fn(item))
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - this item's error, as text
-            out.append(("e", error_info(exc)))
-    return out
+            errors[len(values)] = error_info(exc)
+            append(None)
+    return values, errors
 
 
 def load_cloudpickle(chan, want, cache):
