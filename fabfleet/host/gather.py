@@ -16,6 +16,8 @@ import fnmatch
 import hashlib
 import os
 import secrets
+import shutil
+import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from pathlib import Path
 from ..config.deadlines import TREE_COMMAND
 from ..errors import LocalError, TransferError, host_errors
 from ..ssh import shell
+from ..ssh.connect import ssh_command_for
 from ..ssh.exec import execute
 from ..ssh.liveness import watched
 from .files import remote_manifest
@@ -174,14 +177,51 @@ def _stream(c, remote_dir: str, files: list[tuple[str, int, _HashingWriter]]) ->
     cmd = shell.sh(f"cd -- {shell.path(remote_dir)} && printf %s "
                    f"{shell.q(base64.b64encode(names).decode())} | base64 -d | "
                    "xargs -0 -r cat --")
-    result = execute(c, cmd, timeout=None, keep=False, on_stdout=split,
-                     action=f"copy {len(files)} files from {remote_dir}")
+    if shutil.which("ssh") is not None and sum(size for _, size, _ in files) >= BULK:
+        code, stderr = _stream_openssh(c, cmd, split)
+    else:
+        result = execute(c, cmd, timeout=None, keep=False, on_stdout=split,
+                         action=f"copy {len(files)} files from {remote_dir}")
+        code, stderr = result.exit_code, result.stderr
     for _, w in queue:
         w.close()
-    if result.exit_code != 0:
+    if code != 0:
         raise TransferError(host, f"reading the files in {remote_dir} failed (exit "
-                            f"{result.exit_code}): {result.stderr.strip()[-500:]}. gather "
+                            f"{code}): {stderr.strip()[-500:]}. gather "
                             "again once the run has finished writing them.")
+
+
+#: Gathers of at least this many bytes stream through OpenSSH when the laptop has it.
+BULK = 4 << 20
+
+
+def _stream_openssh(c, cmd: str, sink) -> tuple[int, str]:
+    """Run ``cmd`` through the local OpenSSH client (:func:`ssh_command_for`: the same
+    route, key, host-key checks and deadlines as our own connection) and feed its stdout
+    to ``sink``: OpenSSH's C packet loop moves bulk bytes several times faster than
+    Paramiko's. ``(exit code, stderr)``; 255 is OpenSSH's own failure."""
+    argv = ssh_command_for(c) + ["--", f"[{c.host}]" if ":" in c.host else c.host, cmd]
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except OSError as exc:
+        return 255, f"cannot run ssh: {exc}"
+    errors = bytearray()
+    drain = threading.Thread(target=lambda: errors.extend(proc.stderr.read()), daemon=True)
+    drain.start()
+    try:
+        while True:
+            data = proc.stdout.read1(1 << 20)
+            if not data:
+                break
+            sink(data)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        code = proc.wait()
+        drain.join(10)
+    return code, errors.decode("utf-8", "replace")
 
 
 def contained(root: Path, rel: str) -> Path | None:
