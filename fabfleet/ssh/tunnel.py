@@ -133,17 +133,23 @@ def pump(sock: socket.socket, chan) -> None:
     sock_open = chan_open = True
     while sock_open or chan_open:
         watch = ([sock] if sock_open else []) + ([chan] if chan_open else [])
-        ready, _, _ = select.select(watch, [], [], 1.0)
+        try:
+            ready, _, _ = select.select(watch, [], [], 1.0)
+        except (OSError, ValueError):  # the tunnel was closed under us: this one is done
+            return
         if sock in ready:
             try:
                 data = sock.recv(CHUNK)
             except OSError:
                 data = b""
-            if data:
-                chan.sendall(data)
-            else:
-                sock_open = False
-                chan.shutdown_write()
+            try:
+                if data:
+                    chan.sendall(data)
+                else:
+                    sock_open = False
+                    chan.shutdown_write()
+            except (OSError, EOFError):  # the host's side is gone
+                return
         if chan in ready:
             data = chan.recv(CHUNK)
             if data:
