@@ -25,7 +25,8 @@ INV = ROOT / "testbed" / "state" / "inventory.yaml"
 
 def ensure_testbed() -> Path:
     """The demo testbed's inventory, starting the testbed if it is not answering."""
-    if not (INV.exists() and all(testbed.ssh_ready(testbed.port(n, PREFIX)) for n in testbed.HOSTS)):
+    if not (INV.exists() and all(testbed.ssh_ready(testbed.port(n, PREFIX), testbed.address(n))
+                                 for n in testbed.HOSTS)):
         testbed.up(PREFIX)
     return INV
 
