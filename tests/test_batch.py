@@ -338,3 +338,21 @@ def test_a_work_dir_the_compute_nodes_do_not_share_is_named(fleet, bproj, tmp_pa
     assert report["compute"]["shared"] is False, report["compute"]
     assert "not on a file system the compute nodes share" in report["error"], report["error"]
     assert "wd-notshared" in report["error"]
+
+
+def test_a_call_on_a_compute_node_with_another_python_says_so(fleet, bproj, tmp_path,
+                                                              monkeypatch):
+    text = fleet.lab_inventory.read_text().replace(
+        "    scheduler: slurm\n", "    scheduler: slurm\n    python: pypy3\n")
+    inv = tmp_path / "inventory.yaml"
+    inv.write_text(text)
+    monkeypatch.chdir(bproj)
+
+    @remote("hpc", inventory=inv)
+    def one():
+        return 1
+
+    with pytest.raises(Exception) as err:
+        one()
+    assert "pickled functions only load on the same Python" in str(err.value), str(err.value)
+    assert "pypy" in str(err.value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -82,7 +83,9 @@ def call(host: Host, blob: bytes, *, on_output, timeout: float | None = None,
                     for name, text in shipped_with(batch_call).items()},
                  "cloudpickle.zip": cloudpickle_zip(),
                  "call.bin": pickle.dumps(("chunk" if kind == worker.CHUNK else "call",
-                                           define[1] if define else None, blob), protocol=4)}
+                                           define[1] if define else None, blob,
+                                           (sys.implementation.name,) + sys.version_info[:2]),
+                                          protocol=4)}
         job, run_dir = _submit(c, files, [host.python, "-u", "-c", _LOADER],
                                "a Python call" if kind == worker.CALL else "a map chunk",
                                project=project, timeout=timeout)

@@ -20,8 +20,14 @@ def main(run_dir):
     import cloudpickle
     import fabfleet_worker as worker
     with open(os.path.join(run_dir, "call.bin"), "rb") as f:
-        kind, define, blob = pickle.load(f)
+        kind, define, blob, client = pickle.load(f)
     try:
+        if tuple(client[:3]) != (sys.implementation.name,) + tuple(sys.version_info[:2]):
+            raise RuntimeError(  # pickled code loads only on the same major.minor
+                "this compute node runs %s %d.%d (%s), the client %s %d.%d: pickled functions "
+                "only load on the same Python; point `python:` (or the env in `setup:`) at "
+                "a matching interpreter" % ((sys.implementation.name,) + tuple(sys.version_info[:2])
+                                            + (sys.executable,) + tuple(client[:3])))
         if kind == "chunk":  # map items: fn(item) each, per item a value or an error
             fn = pickle.loads(define)
             _, items = pickle.loads(blob)
