@@ -83,6 +83,14 @@ if __name__ == "__main__":
                             lambda: fetch(f"{openssh}/big.bin"), rounds=5)
                     compare("200 small requests, 20 at a time (tunnel vs ssh -L)",
                             lambda: many(tunneled), lambda: many(openssh), rounds=5)
+                    with Tunnel(c, port, openssh=True) as t2:  # the tunnel task's default
+                        via = f"http://127.0.0.1:{t2.local_port}"
+                        wait_for(f"{via}/small.txt", "the OpenSSH-backed tunnel")
+                        compare("download 100 MB (tunnel via OpenSSH vs ssh -L)",
+                                lambda: fetch(f"{via}/big.bin"),
+                                lambda: fetch(f"{openssh}/big.bin"), rounds=5)
+                        compare("200 small requests, 20 at a time (via OpenSSH vs ssh -L)",
+                                lambda: many(via), lambda: many(openssh), rounds=5)
                 finally:
                     ssh.terminate()
         finally:

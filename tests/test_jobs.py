@@ -155,18 +155,23 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), handler).serve_
 """
 
 
-def test_tunnel_concurrent_requests_large_download_and_refusals(fleet, proj):
+@pytest.mark.parametrize("openssh", [False, True], ids=["paramiko", "openssh"])
+def test_tunnel_concurrent_requests_large_download_and_refusals(fleet, proj, openssh):
     write(proj / "serve.py", SERVER)
     port = 8700 + os.getpid() % 200
     run_id = detach(fleet, proj, "ws1", "serve.py", "--args", str(port))
     events = []
     try:
         with fleet.inventory().connect("ws1") as c:
-            with Tunnel(c, port + 1, on_event=events.append) as refused:  # nothing there
+            with Tunnel(c, port + 1, on_event=events.append,  # nothing there
+                        openssh=openssh) as refused:
                 with pytest.raises((urllib.error.URLError, ConnectionError)):
                     urllib.request.urlopen(f"http://127.0.0.1:{refused.local_port}/", timeout=10)
-                assert events and "failed" in events[0]
-            with Tunnel(c, port) as t:
+                deadline = time.monotonic() + 10  # ssh reports it on its stderr
+                while not events and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert events and "failed" in events[0], events
+            with Tunnel(c, port, openssh=openssh) as t:
                 base = f"http://127.0.0.1:{t.local_port}"
                 deadline = time.monotonic() + 30
                 while True:  # the server writes its files first
@@ -192,6 +197,9 @@ def test_tunnel_concurrent_requests_large_download_and_refusals(fleet, proj):
                 big = urllib.request.urlopen(f"{base}/big.bin", timeout=60).read()
                 remote_sum = sh(fleet, "ws1", "sha256sum ~/fabfleet/jobproj/www/big.bin").split()[0]
                 assert len(big) == 40 << 20 and hashlib.sha256(big).hexdigest() == remote_sum
+                if openssh:  # ssh's end: a socket only we may use, in a dir only we may enter
+                    assert os.stat(t.private).st_mode & 0o777 == 0o700
+                    assert os.stat(t.socket_path).st_mode & 0o077 == 0
             # closed: the port is free again (REUSEADDR passes TIME_WAIT, never a listener)
             import socket
             s = socket.socket()
@@ -199,6 +207,8 @@ def test_tunnel_concurrent_requests_large_download_and_refusals(fleet, proj):
             s.bind(("127.0.0.1", t.local_port))
             s.listen(1)
             s.close()
+            if openssh:  # its ssh is gone, and so is its private socket dir
+                assert t.proc.poll() is not None and not os.path.exists(t.private)
     finally:
         Job(fleet.inventory()["ws1"], run_id).kill()
 

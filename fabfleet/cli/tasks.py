@@ -512,7 +512,7 @@ def tunnel(c, remote_port, host=None, local_port=0, remote_host="127.0.0.1"):
     lp = port("--local-port", local_port, allow_zero=True)
     h = one_host(c, host)
     conn = connect(h)
-    t = Tunnel(conn, rp, lp, remote_host=remote_host, on_event=_event).start()
+    t = Tunnel(conn, rp, lp, remote_host=remote_host, on_event=_event, openssh=None).start()
     _serve_tunnel(t, conn, f"127.0.0.1:{t.local_port}")
     conn.close()
 
