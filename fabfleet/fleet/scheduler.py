@@ -32,7 +32,7 @@ from ..config.settings import resolve_project
 from ..errors import (ConnectError, FanOutError, HostError, LocalError, PythonMismatchError,
                       RemoteError)
 from ..host.payload import dumps, dumps_call, dumps_function
-from ..host.pool import Output, call_on_host, default_output, remote_error
+from ..host.pool import Output, call_on_host, default_output, pool_for, remote_error
 from ..hostside import worker as proto
 from .fanout import FanOutResult, fan_out
 
@@ -151,7 +151,7 @@ class Scheduler:
     def _start(self) -> None:
         for h in self.hosts:
             for j in range(h.max_jobs):
-                t = threading.Thread(target=self._slot, args=(h,), daemon=True,
+                t = threading.Thread(target=self._slot, args=(h, j), daemon=True,
                                      name=f"fabfleet-map-{h.name}-{j}")
                 self.threads.append(t)
                 t.start()
@@ -200,9 +200,21 @@ class Scheduler:
                                       project=self.project)
         return values, {k: remote_error(host.name, v) for k, v in errors.items()}
 
-    def _slot(self, host: Host) -> None:
+    def _surplus(self, host: Host, j: int) -> bool:
+        """Slot ``j`` of ``host`` has no worker to run on: the host's free GPUs are all
+        held by our workers already (one worker per GPU), and there are fewer than
+        ``j + 1``. Such a slot ends instead of holding work it cannot start."""
+        cap = pool_for(host, self.project).gpu_capacity() if j else None
+        if cap is None or j < max(1, cap):
+            return False
+        with self.cond:
+            self.slots -= 1
+            self.cond.notify_all()
+        return True
+
+    def _slot(self, host: Host, j: int = 0) -> None:
         size: int | None = None
-        while (taken := self._take(host, size)) is not None:
+        while not self._surplus(host, j) and (taken := self._take(host, size)) is not None:
             work, span = taken
             count = 1 if span is None else span[1] - span[0]
             if isinstance(work, _Work) and work.begin is not None and not work.begin():
@@ -486,7 +498,9 @@ def _wait_for(scheduler: Scheduler, works: list[_Work | _Batch], total: int,
         for w in works:
             scheduler.put(w)
         scheduler.close()
-        while scheduler.alive() or reported != done_count[0]:
+        # Until every item has its outcome (not until every slot thread has noticed
+        # the end: they exit on their own), or no slot is left to give more.
+        while reported != total and (scheduler.alive() or reported != done_count[0]):
             with scheduler.cond:
                 if done_count[0] == reported and scheduler.alive():
                     scheduler.cond.wait(0.05)

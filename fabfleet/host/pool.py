@@ -359,6 +359,7 @@ class HostPool:
         self.starting: dict[int, int] = {}  # id(connection) -> workers being started on it
         self.idle: list[Worker] = []
         self.lock = threading.Lock()
+        self.returned = threading.Condition(self.lock)  # a worker was given back
         self.opening = threading.Lock()
         self.closed = False
         self.gpus_full_until = 0.0  # until then, every free GPU is held by our workers
@@ -459,7 +460,18 @@ class HostPool:
                                        "run. Wait for one to be free, or pick another host.")
                 time.sleep(1.0)  # maybe one frees up; try a new worker again
                 return None
-            time.sleep(0.05)
+            with self.lock:  # woken as soon as one of ours is given back
+                if not self.idle:
+                    self.returned.wait(1.0)
+
+    def gpu_capacity(self) -> int | None:
+        """While every free GPU of the host is held by our workers: how many workers
+        that is (callers with more threads for this host should not queue work on it);
+        otherwise ``None``."""
+        if time.monotonic() >= self.gpus_full_until:
+            return None
+        with self.lock:
+            return len([w for w in self.workers if w.hello.gpu and not w.chan.closed])
 
     def give_back(self, w: Worker) -> None:
         if not w.alive:
@@ -467,6 +479,7 @@ class HostPool:
             return
         with self.lock:
             self.idle.append(w)
+            self.returned.notify()
 
     def close(self) -> None:
         with self.lock:
