@@ -56,7 +56,7 @@ if __name__ == "__main__":
         probe = ("import json, os, shutil, sys; print(json.dumps([sys.version, "
                  "os.cpu_count(), shutil.disk_usage('.').free, open('/proc/meminfo').read()]))")
         print(f"at {RTT_MS:g} ms round trip:")
-        compare("check-env 1 host vs ssh python3 -c (50 ms)",
+        compare(f"check-env 1 host vs ssh python3 -c ({RTT_MS:g} ms)",
                 lambda: check_hosts(inv), lambda: subprocess.run(
                     ssh + ["python3", "-c", repr(probe)], check=True, capture_output=True),
                 rounds=5)
@@ -72,7 +72,7 @@ if __name__ == "__main__":
             ["-o", f"ControlPath={sock}", "dev@127.0.0.1"]
         with inv.connect("far") as c:
             run_payload(c, abs, -1)
-            compare("warm call vs ssh over a ControlMaster (50 ms)",
+            compare(f"warm call vs ssh over a ControlMaster ({RTT_MS:g} ms)",
                     lambda: run_payload(c, abs, -2),
                     lambda: subprocess.run(viacm + ["true"], check=True, capture_output=True),
                     rounds=9)
@@ -86,7 +86,7 @@ if __name__ == "__main__":
             rsync = ["rsync", "-rlt", "-e", " ".join(ssh[:-1]), f"{proj}/",
                      "dev@127.0.0.1:fabfleet/bench-latency-rsync/"]
             subprocess.run(rsync, check=True, capture_output=True)
-            compare("unchanged push 50 files vs rsync (50 ms)",
+            compare(f"unchanged push 50 files vs rsync ({RTT_MS:g} ms)",
                     lambda: push(c, proj, "~/fabfleet/bench-latency"),
                     lambda: subprocess.run(rsync, check=True, capture_output=True), rounds=5)
             trips("unchanged push", lambda: push(c, proj, "~/fabfleet/bench-latency"), 3)
@@ -95,7 +95,7 @@ if __name__ == "__main__":
             execute(c, "mkdir -p ~/fabfleet/bench-latency/res && cd ~/fabfleet/bench-latency/res"
                        " && for i in 1 2 3 4 5; do echo $i > r$i.csv; done")
             dest = work / "gathered"
-            compare("gather 5 small files vs scp -r (50 ms)",
+            compare(f"gather 5 small files vs scp -r ({RTT_MS:g} ms)",
                     lambda: gather(c, "~/fabfleet/bench-latency", ["res/*.csv"], dest),
                     lambda: subprocess.run(
                         ["scp", "-q", "-r", "-i", str(testbed.KEY), "-P", str(proxy.port), "-o",
@@ -111,7 +111,7 @@ if __name__ == "__main__":
         scp = ["scp", "-q", "-i", str(testbed.KEY), "-P", str(proxy.port), "-o",
                f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
                str(proj / "main.py"), "dev@127.0.0.1:fabfleet/bench-latency-rsync/main.py"]
-        compare("run-remote unchanged project vs scp+ssh (50 ms)",
+        compare(f"run-remote unchanged project vs scp+ssh ({RTT_MS:g} ms)",
                 lambda: subprocess.run(cli, check=True, capture_output=True, cwd=proj, env=env),
                 lambda: (subprocess.run(scp, check=True, capture_output=True),
                          subprocess.run(ssh + ["cd fabfleet/bench-latency-rsync && python3 "
@@ -121,7 +121,7 @@ if __name__ == "__main__":
                 "@remote('far', inventory=os.environ['FABFLEET_INVENTORY'])\n"
                 "def f(x):\n    return x + 1\n"
                 "assert f(1) == 2\n")
-        compare("cold @remote in a new process vs ssh python3 -c (50 ms)",
+        compare(f"cold @remote in a new process vs ssh python3 -c ({RTT_MS:g} ms)",
                 lambda: subprocess.run([sys.executable, "-c", cold], check=True,
                                        capture_output=True, env={**env, "PATH": "/usr/bin:/bin"}),
                 lambda: subprocess.run(ssh + ["python3", "-c", "'print(2)'"], check=True,
