@@ -80,6 +80,11 @@ if __name__ == "__main__":
             proj = work / "proj"
             proj.mkdir()
             (proj / "pyproject.toml").write_text("")
+            # One identity across runs (a git origin), so that the copy an earlier run
+            # pushed to ~/fabfleet/proj is this project's, not a stranger's of that name.
+            subprocess.run(["git", "init", "-q", str(proj)], check=True)
+            subprocess.run(["git", "-C", str(proj), "remote", "add", "origin",
+                            "https://example.org/bench/proj.git"], check=True)
             for i in range(50):
                 (proj / f"mod{i}.py").write_text(f"X = {i}\n")
             push(c, proj, "~/fabfleet/bench-latency")
