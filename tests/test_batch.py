@@ -356,3 +356,25 @@ def test_a_call_on_a_compute_node_with_another_python_says_so(fleet, bproj, tmp_
         one()
     assert "pickled functions only load on the same Python" in str(err.value), str(err.value)
     assert "pypy" in str(err.value)
+
+
+def test_clean_keeps_a_pending_batch_job_and_force_cancels_it(fleet, bproj):
+    ids = [detach(fleet, bproj, "hpc", "sleepy.py", "--args", "60", "--sbatch",
+                  "--cpus-per-task=1") for _ in range(3)]
+    try:
+        wait_status(fleet, bproj, ids[2], {"pending"})
+        r = cli(fleet, bproj, "clean", "-H", "hpc")
+        out = r.stdout + r.stderr
+        assert r.returncode == 0 and "still pending" in out, out
+        assert set(ids) <= set(runs(fleet, bproj))  # every run dir kept
+        r = cli(fleet, bproj, "clean", "-H", "hpc", "--force")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert not set(ids) & set(runs(fleet, bproj))
+        deadline = time.monotonic() + 30
+        while dexec(fleet, "hpc", "squeue", "-h", "-u", "dev", "-t", "PD,R", "-o",
+                    "%i").stdout.strip():
+            assert time.monotonic() < deadline, "clean --force left jobs queued or running"
+            time.sleep(1)
+    finally:
+        for run_id in ids:
+            cli(fleet, bproj, "kill", run_id, "-H", "hpc")

@@ -627,14 +627,25 @@ def cmd_clean(spec):
             if not os.path.isdir(run_dir):
                 continue
             state = job_status(run_dir)
-            if state["status"] == "running":
+            if state["status"] in ("running", "pending", "unknown"):  # a batch job waits too
                 if not force:
                     running.setdefault(project, []).append(run_id)
                     kept.append({"path": run_dir, "run_id": run_id,
-                                 "why": "still running (%s): `fabfleet kill %s`, or clean "
-                                        "--force to stop it first" % (state["command"], run_id)})
+                                 "why": "still %s (%s): `fabfleet kill %s`, or clean --force "
+                                        "to stop it first" % (state["status"], state["command"],
+                                                              run_id)})
                     continue
-                stop_run(run_dir, grace)
+                if state.get("scheduler"):
+                    import fabfleet_batch
+                    try:
+                        cancel_batch(run_dir, read_json(os.path.join(run_dir, "job.json")),
+                                     "scancel" if state["scheduler"] == "slurm" else "qdel")
+                    except fabfleet_batch.SchedulerError as exc:
+                        kept.append({"path": run_dir, "run_id": run_id,
+                                     "why": "could not cancel its job: %s" % exc})
+                        continue
+                else:
+                    stop_run(run_dir, grace)
             remove(run_dir)
         if project not in running:
             try:
