@@ -440,13 +440,20 @@ def cmd_batch_run(spec):
     main(job_spec)
 
 
-def cancel_batch(run_dir, job, how):
-    """Cancel a batch job (``scancel``/``qdel``), recording ``killed`` first."""
+def cancel_batch(run_dir, job, how, wait=0.0):
+    """Cancel a batch job (``scancel``/``qdel``), recording ``killed`` first; with
+    ``wait``, give a job whose runner had started that long to record its end."""
     import fabfleet_batch
     write_atomic(os.path.join(run_dir, "killed"), json.dumps(
         {"signal": how, "at": time.time()}))
     if job.get("job_id"):
         fabfleet_batch.scheduler(job["scheduler"]).cancel(job["job_id"])
+    deadline = time.time() + wait
+    while time.time() < deadline and read_exit_code(run_dir) is None:
+        if not os.path.exists(os.path.join(run_dir, "node.json")) and \
+                job_status(run_dir)["sched_state"] not in fabfleet_batch.ACTIVE:
+            break  # it never ran (or is gone): nothing will write more
+        time.sleep(0.2)
 
 
 RUN_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
@@ -639,7 +646,8 @@ def cmd_clean(spec):
                     import fabfleet_batch
                     try:
                         cancel_batch(run_dir, read_json(os.path.join(run_dir, "job.json")),
-                                     "scancel" if state["scheduler"] == "slurm" else "qdel")
+                                     "scancel" if state["scheduler"] == "slurm" else "qdel",
+                                     wait=grace + 10)
                     except fabfleet_batch.SchedulerError as exc:
                         kept.append({"path": run_dir, "run_id": run_id,
                                      "why": "could not cancel its job: %s" % exc})
