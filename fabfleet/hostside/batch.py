@@ -44,6 +44,7 @@ class SchedulerError(Exception):
 class Slurm(object):
     name = "slurm"
     submit_program = "sbatch"
+    cancel_program = "scancel"
 
     def submit(self, script, run_dir, run_id, directives):
         """Submit ``script``; ``(job id, cluster or None)`` from ``sbatch --parsable``
@@ -110,6 +111,7 @@ _PBS = {"Q": "PENDING", "H": "PENDING", "W": "PENDING", "T": "PENDING", "S": "SU
 class PBS(object):
     name = "pbs"
     submit_program = "qsub"
+    cancel_program = "qdel"
 
     def submit(self, script, run_dir, run_id, directives):
         """Submit ``script``; the job id is qsub's whole output line (``SEQ.SERVER``)."""

@@ -440,14 +440,15 @@ def cmd_batch_run(spec):
     main(job_spec)
 
 
-def cancel_batch(run_dir, job, how, wait=0.0):
-    """Cancel a batch job (``scancel``/``qdel``), recording ``killed`` first; with
+def cancel_batch(run_dir, job, wait=0.0):
+    """Cancel a batch job (``scancel``/``qdel``: recorded in ``killed`` first); with
     ``wait``, give a job whose runner had started that long to record its end."""
     import fabfleet_batch
+    sched = fabfleet_batch.scheduler(job["scheduler"])
     write_atomic(os.path.join(run_dir, "killed"), json.dumps(
-        {"signal": how, "at": time.time()}))
+        {"signal": sched.cancel_program, "at": time.time()}))
     if job.get("job_id"):
-        fabfleet_batch.scheduler(job["scheduler"]).cancel(job["job_id"])
+        sched.cancel(job["job_id"])
     deadline = time.time() + wait
     while time.time() < deadline and read_exit_code(run_dir) is None:
         if not os.path.exists(os.path.join(run_dir, "node.json")) and \
@@ -512,7 +513,7 @@ def cmd_kill(spec):
     if job and job.get("scheduler") and state["status"] in ("pending", "running", "unknown"):
         import fabfleet_batch
         try:
-            cancel_batch(run_dir, job, "scancel" if job["scheduler"] == "slurm" else "qdel")
+            cancel_batch(run_dir, job)
         except fabfleet_batch.SchedulerError as exc:
             fail("scheduler", str(exc))
         deadline = time.time() + float(spec.get("grace", 5)) + 10  # the job's runner ends
@@ -581,7 +582,7 @@ def cmd_stop(spec):
     if job and job.get("scheduler"):  # an attached batch job: Ctrl-C cancels it
         import fabfleet_batch
         try:
-            cancel_batch(run_dir, job, "scancel" if job["scheduler"] == "slurm" else "qdel")
+            cancel_batch(run_dir, job)
             stopped = True
         except fabfleet_batch.SchedulerError as exc:
             fail("scheduler", str(exc))
@@ -646,7 +647,6 @@ def cmd_clean(spec):
                     import fabfleet_batch
                     try:
                         cancel_batch(run_dir, read_json(os.path.join(run_dir, "job.json")),
-                                     "scancel" if state["scheduler"] == "slurm" else "qdel",
                                      wait=grace + 10)
                     except fabfleet_batch.SchedulerError as exc:
                         kept.append({"path": run_dir, "run_id": run_id,

@@ -177,21 +177,29 @@ class Tunnel:
                                           timeout=deadlines(self.host).handshake)
 
     def _serve(self, client: socket.socket, peer) -> None:
-        if self.openssh:
-            return self._serve_openssh(client)
+        """One accepted connection: its far end (an SSH channel, or a connection to our
+        ssh's socket), then bytes both ways until both sides are done."""
         try:
-            chan = self._open_channel(peer)
+            if self.openssh:
+                far = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    far.connect(self.socket_path)
+                except OSError:
+                    far.close()
+                    raise
+            else:
+                far = self._open_channel(peer)
         except Exception as exc:  # noqa: BLE001 - reported, the tunnel keeps serving
             self.on_event(f"{self.host.name}: connection to {self.remote[0]}:{self.remote[1]} "
                           f"failed ({exc}); the tunnel keeps listening")
             client.close()
             return
-        pair = (chan, client)
+        pair = (far, client)
         with self.lock:
             self.active.add(pair)
             self.served += 1
         try:
-            pump(client, chan)
+            (pump_sockets if self.openssh else pump)(client, far)
         finally:
             with self.lock:
                 self.active.discard(pair)
@@ -199,31 +207,6 @@ class Tunnel:
                 try:
                     end.close()
                 except Exception:  # noqa: BLE001
-                    pass
-
-
-    def _serve_openssh(self, client: socket.socket) -> None:
-        ssh_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            ssh_end.connect(self.socket_path)
-        except OSError as exc:
-            self.on_event(f"{self.host.name}: the tunnel's ssh is not answering ({exc})")
-            client.close()
-            ssh_end.close()
-            return
-        pair = (ssh_end, client)
-        with self.lock:
-            self.active.add(pair)
-            self.served += 1
-        try:
-            pump_sockets(client, ssh_end)
-        finally:
-            with self.lock:
-                self.active.discard(pair)
-            for end in pair:
-                try:
-                    end.close()
-                except OSError:
                     pass
 
 
