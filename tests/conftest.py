@@ -45,7 +45,8 @@ def docker_setup():
 
 @pytest.fixture(scope="session")
 def docker_cleanup():
-    return ["down -v"]
+    # FABFLEET_KEEP_TESTBED=1 leaves the hosts up for the next run (while developing)
+    return [] if os.environ.get("FABFLEET_KEEP_TESTBED") == "1" else ["down -v"]
 
 
 @pytest.fixture(scope="session")

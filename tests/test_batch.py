@@ -12,7 +12,6 @@ import secrets
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from conftest import clone, write

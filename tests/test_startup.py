@@ -6,7 +6,6 @@ project's Invoke config change."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 from conftest import user_cli, write
 

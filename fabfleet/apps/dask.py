@@ -25,111 +25,33 @@ run code as the user. Bind it to an address only the fleet can reach.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
-import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..config.deadlines import APP_START, QUICK_COMMAND
+from ..config.deadlines import APP_START
 from ..config.inventory import Host
-from ..config.settings import layout, project_identity
-from ..errors import (CommandError, ConnectError, FanOutError, HostError, LocalError,
-                      host_errors)
-from ..host.files import local_files
-from ..host.jobs import Job, list_jobs, start_job
-from ..host.push import push
-from ..hostside import dask_app, versions
-from ..ssh import shell
-from ..ssh.connect import connect, sftp_client, sftp_put_private
-from ..ssh.exec import execute
-from ..ssh.launch import file_of, python_command
-from ..ssh.liveness import watched
+from ..errors import CommandError, LocalError
+from ..host.jobs import Job, start_job
+from ..hostside import dask_app
+from ..ssh.connect import connect
+from ..ssh.launch import file_of
 from ..ssh.tunnel import Tunnel
+from . import handoff
 
 REQUIRED = ("dask", "distributed", "cloudpickle", "msgpack")  # must match exactly
 ALSO = ("tornado", "toolz")                                     # must be there
 TAG_SCHEDULER, TAG_WORKERS = "dask-scheduler", "dask-workers"
 
-def local_versions() -> dict[str, str | None]:
-    from importlib import metadata
-    out: dict[str, str | None] = {"python": "%d.%d.%d" % sys.version_info[:3]}
-    for name in REQUIRED + ALSO:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def compare_versions(host: str, local: dict, remote: dict) -> list[str]:
-    """What keeps ``host`` from joining a Dask cluster with this machine (pure)."""
-    problems = []
-    if remote.get("python", "").split(".")[:2] != local["python"].split(".")[:2]:
-        problems.append(f"Python {remote.get('python')} there, {local['python']} here")
-    for name in REQUIRED + ALSO:
-        have, want = remote.get(name), local.get(name)
-        if have is None:
-            problems.append(f"{name} is not installed there (here: {want})")
-        elif name in REQUIRED and have != want:
-            problems.append(f"{name} {have} there, {want} here")
-    return problems
-
 
 def preflight(conns: dict[str, object], project: str) -> dict[str, dict]:
     """Versions on every host (one round trip each) against the local ones; raises
     :class:`FanOutError` naming each host, package and the fix, before anything starts."""
-    local = local_versions()
-    if local["distributed"] is None:
+    if handoff.local_versions(["distributed"])["distributed"] is None:
         raise LocalError("Dask is not installed here: pip install 'fabfleet[dask]'")
-    found, problems = {}, {}
-    for name, c in conns.items():
-        host: Host = c.fleet_host
-        result = execute(c, python_command(host, versions, REQUIRED + ALSO, project=project),
-                         timeout=QUICK_COMMAND, action="check the Dask versions")
-        try:
-            found[name] = json.loads(result.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            problems[name] = CommandError(name, "could not read the package versions: "
-                                          f"{result.stderr.strip()[-300:]}")
-            continue
-        bad = compare_versions(name, local, found[name])
-        if bad:
-            pins = " ".join(f"{p}=={local[p]}" for p in REQUIRED if local.get(p))
-            problems[name] = CommandError(
-                name, f"cannot join a Dask cluster with this machine: {'; '.join(bad)}. Put "
-                f"`{pins}` in a requirements.txt and run `fabfleet setup-workdir -H {name} "
-                "--requirements requirements.txt` (or install them in the host's env).")
-    if problems:
-        summary = "; ".join(str(e) for e in problems.values())
-        raise FanOutError(f"{len(problems)}/{len(conns)} hosts cannot run Dask: {summary}",
-                          problems)
-    return found
-
-
-def _scheduler_file(c, job: Job, timeout: float) -> dict:
-    """Wait for the scheduler's own file; its address and dashboard port."""
-    run_dir = job.record["run_dir"]
-    deadline = time.monotonic() + timeout
-    while True:
-        out = execute(c, shell.sh(f"cat -- {shell.path(run_dir)}/scheduler.json 2>/dev/null"),
-                      timeout=QUICK_COMMAND, action="read the scheduler file")
-        if out.exit_code == 0 and out.stdout.strip():
-            with contextlib.suppress(ValueError):
-                return json.loads(out.stdout)
-        state = job.status()
-        if state["status"] != "running":
-            err = job.logs(stream="stderr")["data"].decode("utf-8", "replace")
-            raise CommandError(job.host.name, f"the Dask scheduler exited ({state['status']}, "
-                               f"code {state['exit_code']}):\n{err.strip()[-1500:]}")
-        if time.monotonic() > deadline:
-            job.kill()
-            raise CommandError(job.host.name, f"the Dask scheduler did not start within "
-                               f"{timeout:g}s; it was stopped")
-        time.sleep(0.3)
+    return handoff.preflight(conns, project, required=REQUIRED, also=ALSO, framework="Dask")
 
 
 class DaskCluster:
@@ -165,36 +87,16 @@ class DaskCluster:
         self.tls_token = secrets.token_hex(8)
         self.remote_tls: dict[str, str] = {}
 
-    def _send_credentials(self, c) -> str:
-        """The cluster's certificates in a 0700 dir of the project's runs on the host
-        (files 0600); its remote path."""
-        where = f"{layout(c.fleet_host, self.project)['runs']}/.dask-tls-{self.tls_token}"
-        mk = shell.path(where)
-        done = execute(c, shell.sh(f"umask 077 && mkdir -p -- {mk} && chmod 700 -- {mk}"),
-                       timeout=QUICK_COMMAND, action="prepare the Dask certificates' dir")
-        if done.exit_code != 0:
-            raise CommandError(c.fleet_host.name, "could not make a private dir for the Dask "
-                               f"certificates: {done.stderr.strip()[-300:]}")
-        with watched(c, "send the Dask certificates"), \
-                host_errors(c.fleet_host.name, "send the Dask certificates"):
-            sftp = sftp_client(c)
-            for name, data in self.credentials.items():
-                sftp_put_private(sftp, data, f"{where}/{name}")
-        return where
-
     def start(self) -> DaskCluster:
         preflight(self.conns, self.project)
         if self.push:  # scheduler and workers run in the pushed project: its modules import
-            files = local_files(self.project_root,
-                                never=[c.fleet_host.key_file for c in self.conns.values()])
-            identity = project_identity(self.project_root)
-            for c in self.conns.values():
-                push(c, self.project_root, layout(c.fleet_host, self.project)["project"],
-                     files=files, identity=identity)
+            handoff.push_project(self.conns, self.project_root, self.project)
         tls_dirs = {name: "" for name in self.conns}
         if self.tls:
             self.credentials = cluster_credentials()
-            tls_dirs = {name: self._send_credentials(c) for name, c in self.conns.items()}
+            tls_dirs = {name: handoff.private_dir(c, self.project, f".dask-tls-{self.tls_token}",
+                                                  self.credentials, what="Dask certificates")
+                        for name, c in self.conns.items()}
             self.remote_tls = tls_dirs
             if self.credentials_dir is not None:  # kept for clients after this process
                 self.local_tls = Path(self.credentials_dir)
@@ -212,7 +114,8 @@ class DaskCluster:
                                        tls_dirs[self.scheduler_name]],
                         project=self.project, tag=TAG_SCHEDULER)
         self.jobs.append(job)
-        info = _scheduler_file(sc, job, self.start_timeout)
+        info = handoff.wait_for_json(sc, job, f"{job.record['run_dir']}/scheduler.json",
+                                     self.start_timeout, "Dask scheduler")
         self.address = info["address"]
         self.dashboard_port = (info.get("services") or {}).get("dashboard")
         for name, c in self.conns.items():
@@ -270,28 +173,16 @@ class DaskCluster:
         """Stop every job of this cluster (workers first) and close the tunnels."""
         for t in self.tunnels:
             t.close()
-        errors = []
-        for job in reversed(self.jobs):
-            try:
-                job.kill(grace=5)
-            except ConnectError:
-                pass  # the host is down: its processes went with it (or die by death timeout)
-            except HostError as exc:
-                errors.append(exc)
-        for name, where in self.remote_tls.items():  # nothing of the cluster is left behind
-            try:
-                execute(self.conns[name], shell.sh(f"rm -rf -- {shell.path(where)}"),
-                        timeout=QUICK_COMMAND, action="remove the Dask certificates")
-            except HostError:
-                pass  # the host is gone; the dir is private to the user anyway
-        for c in self.conns.values():
-            c.close()
-        if self.local_tls is not None and not self.keep_credentials:
-            import shutil
-            shutil.rmtree(self.local_tls, ignore_errors=True)
-        if errors:
-            raise FanOutError(f"{len(errors)} Dask jobs could not be stopped: "
-                              + "; ".join(map(str, errors)), {e.host: e for e in errors})
+        try:
+            handoff.stop_jobs(self.jobs, "Dask")
+        finally:  # nothing of the cluster is left behind
+            for name, where in self.remote_tls.items():
+                handoff.remove_private_dir(self.conns[name], where, "Dask certificates")
+            for c in self.conns.values():
+                c.close()
+            if self.local_tls is not None and not self.keep_credentials:
+                import shutil
+                shutil.rmtree(self.local_tls, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -346,9 +237,4 @@ def cluster_credentials(days: int = 30) -> dict[str, bytes]:
 
 def stop_project_clusters(c, project: str | None) -> list[str]:
     """Kill the Dask jobs (``dask-down``) of ``project`` on the host behind ``c``."""
-    stopped = []
-    for entry in list_jobs(c, project):
-        if entry.get("tag") in (TAG_SCHEDULER, TAG_WORKERS) and entry["status"] == "running":
-            Job(c.fleet_host, entry["run_id"], entry).kill(grace=5)
-            stopped.append(entry["run_id"])
-    return stopped
+    return handoff.stop_project_jobs(c, project, (TAG_WORKERS, TAG_SCHEDULER))

@@ -614,6 +614,43 @@ def dask_down(c, selected):
               lambda ids: [", ".join(ids) or "-"])
 
 
+@hosts_task(help={"controller_host": "host for the controller (default: the first selected)"})
+def ipp_up(c, selected, controller_host=None):
+    """Start an ipyparallel controller and engines (max_jobs per host, one per free GPU
+    on GPU hosts) on the hosts, as jobs; attach from Python with
+    inv.select(...).ipyparallel(attach=True)."""
+    from ..apps.ipp import IppCluster
+    proj = project(c)
+    cluster = IppCluster(list(selected), project=proj.name,
+                         project_root=proj.root if proj.pushable else None,
+                         controller_host=controller_host)
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    names = ",".join(h.name for h in cluster.hosts)
+    print(f"controller: {cluster.controller_name} ({cluster.listen}, CurveZMQ), "
+          f"{cluster.n_engines} engines on {len(cluster.hosts)} hosts "
+          f"({', '.join(f'{h} {n}' for h, n in cluster.engines.items())})")
+    print("attach from Python (a script, a notebook) in this project:")
+    print(f"  rc = Inventory.load(...).select(host={names!r}).ipyparallel(attach=True).open()")
+    print("jobs: " + ", ".join(f"{j.host.name} {j.run_id}" for j in cluster.jobs))
+    print(f"stop it: fabfleet ipp-down -H {names}")
+    for conn in cluster.conns.values():
+        conn.close()
+
+
+@hosts_task()
+def ipp_down(c, selected):
+    """Stop this project's ipyparallel controller and engines on the hosts."""
+    from ..apps.ipp import stop_project_clusters
+    name = project(c).name
+    results = _per_host(selected, lambda conn: stop_project_clusters(conn, name))
+    _outcomes(results, f"ipp-down ({name})", ["jobs stopped"],
+              lambda ids: [", ".join(ids) or "-"])
+
+
 @hosts_task(help={
     "patterns": "globs relative to the remote project dir, space-separated "
                 "('results/*.csv **/*.log')",
@@ -706,5 +743,6 @@ def run_pickle(c, selected, payload, out="gathered", max_parallel=None):
 
 ns = Collection(init, hosts, check_env, setup_workdir, push, run_remote, run_command,
                 queue_submit, queue_status, queue_cancel, queue_retry, run_pickle, gather,
-                clean, jobs, logs, kill, tunnel, jupyter, top, dask_up, dask_down)
+                clean, jobs, logs, kill, tunnel, jupyter, top, dask_up, dask_down, ipp_up,
+                ipp_down)
 ns.configure({"fabfleet": {"inventory": None, "project": None}})

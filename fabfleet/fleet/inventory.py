@@ -1,9 +1,9 @@
 """:class:`Inventory`: the inventory users hold, with the conveniences that reach hosts.
 
 :class:`~fabfleet.config.inventory.HostSet` is the validated data; this subclass adds
-``connect``, ``map``, ``imap_unordered``, ``executor`` and ``dask``, importing the
+``connect``, ``map``, ``imap_unordered``, ``executor``, ``dask`` and ``ipyparallel``, importing the
 connection, scheduler and app layers downward, so the data layer never imports them.
-The app is imported inside its method, so Dask's own imports happen only when asked for.
+The app is imported inside its method, so Dask's and ipyparallel's own imports happen only when asked for.
 """
 
 from __future__ import annotations
@@ -48,6 +48,22 @@ class Inventory(HostSet):
         project = resolve_project()
         options.setdefault("project_root", project.root if project.pushable else None)
         return dask_cluster(self, project=project.name, **options)
+
+    def ipyparallel(self, *, attach: bool = False, **options: Any):
+        """``with inv.select(group="lab").ipyparallel() as rc:`` — an
+        ``ipyparallel.Client`` over a controller and engines (one per ``max_jobs`` slot,
+        per free GPU on GPU hosts) started on these hosts for the current project;
+        leaving the block stops them all. In a notebook: ``cluster = ….ipyparallel();
+        rc = cluster.open()`` … ``cluster.close()``. ``attach=True``: the cluster
+        ``fabfleet ipp-up`` started (leaving then only closes the client). Options:
+        ``controller_host``, ``start_timeout``, ``engine_timeout``, ``push``; see
+        :mod:`fabfleet.apps.ipp`."""
+        from ..apps.ipp import IppCluster  # only when asked for
+        project = resolve_project()
+        if attach:
+            return IppCluster.attach(self, project=project.name, **options)
+        options.setdefault("project_root", project.root if project.pushable else None)
+        return IppCluster(self, project=project.name, **options)
 
     def queue(self, tasks: Iterable[Any] | None = None, *, gpus_per_task: int = 1,
               name: str | None = None, **options: Any) -> Queue:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config.deadlines import COMPUTE_CHECK, COMPUTE_CHECK_AGE
 from ..config.inventory import Host
-from ..config.settings import current_project_name, layout
+from ..config.settings import current_project_name
 from ..errors import CommandError, DeadlineError, TransferError
 from ..hostside import batch_call, probe, worker
 from ..ssh import shell
