@@ -17,6 +17,7 @@ from common import compare, ensure_testbed
 
 from fabfleet import Inventory, push, setup_workdir
 from fabfleet.config.settings import layout
+from fabfleet.ssh.exec import execute
 
 HOSTS = "ws1,ws2,gpu1"
 
@@ -37,6 +38,8 @@ if __name__ == "__main__":
     hosts = inv.select(host=HOSTS)
     for h in hosts:
         with inv.connect(h.name) as c:
+            # each run's project is a new temp dir: the last run's copy is another project
+            execute(c, f"rm -rf ~/fabfleet/{proj.name}", timeout=60)
             push(c, proj, layout(h, proj.name)["project"])
             setup_workdir(c, project=proj.name, requirements=proj / "requirements.txt")
     os.chdir(proj)

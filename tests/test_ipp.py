@@ -147,6 +147,27 @@ def test_engines_stop_when_their_controller_is_gone(fleet, ippproj, monkeypatch)
         cluster.close()
 
 
+def test_a_gpu_host_whose_gpus_are_all_busy_starts_nothing(fleet, ippproj, monkeypatch):
+    """gpu1's one free A100 taken by another process: no engine could be pinned there,
+    so the cluster does not start (rather than silently missing that host) and nothing
+    is left running on ws1."""
+    project_funcs(monkeypatch, ippproj)
+    hold = subprocess.Popen(["docker", "exec", "-e", "CUDA_VISIBLE_DEVICES=0",
+                             fleet.container("gpu1"), "fake-gpu-hold", "4000", "120"])
+    try:
+        time.sleep(1)
+        from fabfleet import CommandError
+        with pytest.raises(CommandError) as info:
+            with fleet.inventory().select(host="ws1,gpu1").ipyparallel():
+                pass
+        assert info.value.host == "gpu1" and "every GPU of the host is in use" in str(info.value)
+    finally:
+        hold.kill()
+        sh(fleet, "gpu1", "pkill -f fake-gpu-hold || true")
+    for name in ("ws1", "gpu1"):
+        assert ipp_processes(fleet, name) == 0
+
+
 def test_a_host_without_ipyparallel_is_refused_before_anything_starts(fleet, ippproj,
                                                                       tmp_path, monkeypatch):
     other = tmp_path / "otherproj"  # no venv there: the hosts' system Python has none

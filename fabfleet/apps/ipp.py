@@ -39,11 +39,11 @@ from ..config.inventory import Host
 from ..config.settings import layout
 from ..errors import CommandError, HostError, LocalError
 from ..host.jobs import Job, list_jobs, start_job
-from ..hostside import gpus, ipp_app
+from ..hostside import ipp_app
 from ..ssh import shell
 from ..ssh.connect import connect
 from ..ssh.exec import execute
-from ..ssh.launch import file_of, source
+from ..ssh.launch import file_of, shipped_with
 from ..ssh.tunnel import Tunnel
 from . import handoff
 
@@ -132,7 +132,8 @@ class IppCluster:
             cc, job, f"{security}/ipcontroller-client.json", QUICK_COMMAND,
             "ipyparallel controller"))
         self.listen = self.info["interface"].split("://", 1)[1]
-        files = {"engine.json": engine_file, "fabfleet_gpus.py": source(gpus).encode()}
+        files = {"engine.json": engine_file,
+                 **{f"{n}.py": text.encode() for n, text in shipped_with(ipp_app).items()}}
         started = []
         for hname, c in self.conns.items():
             host: Host = c.fleet_host
@@ -148,6 +149,12 @@ class IppCluster:
             plan = handoff.wait_for_json(c, ejob, f"{ejob.record['run_dir']}/engines.json",
                                          QUICK_COMMAND, "ipyparallel engines")
             self.engines[hname] = int(plan["count"])
+        for hname, count in self.engines.items():
+            if count == 0:  # a GPU box whose GPUs are all someone else's
+                raise CommandError(hname, "every GPU of the host is in use by other "
+                                   "processes (see `fabfleet top`): no engine could start "
+                                   "there, so the cluster was not started. Wait for a free "
+                                   "GPU, or leave the host out.")
         return self
 
     @classmethod

@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+SHIPS_WITH = ("gpus",)  # as fabfleet_gpus.py in the cluster's private dir (fabfleet.apps.ipp)
+
 CONFIG = """\
 c = get_config()  # noqa: F821 - written by fabfleet, read by ipcontroller
 c.IPController.enable_curve = True
@@ -97,8 +99,8 @@ def engines(where, count, gpus, misses):
     plan = [(None, None)] * int(count) if gpu_slots is None else gpu_slots
     write_json("engines.json", {"count": len(plan), "gpus": [g for g, _ in plan if g]})
     if not plan:
-        sys.stderr.write("every GPU of this host is in use by other processes: no engine "
-                         "was started\n")
+        sys.stderr.write("every GPU of the host is in use by other processes (see `fabfleet "
+                         "top`): no engine was started\n")
         sys.exit(75)
     profile = os.path.join(where, "engines")
     os.makedirs(profile, mode=0o700, exist_ok=True)
