@@ -40,6 +40,7 @@ _EXPORTS = {
     "DeadlineError": "errors", "FanOutError": "errors", "FleetError": "errors",
     "HostError": "errors", "HostKeyError": "errors", "InventoryError": "errors",
     "LocalError": "errors", "PythonMismatchError": "errors", "RemoteError": "errors",
+    "GpusBusyError": "errors",
     "RunInterrupted": "errors", "TransferError": "errors",
     "Host": "config.inventory", "HostSet": "config.inventory",
     "Project": "config.settings", "find_inventory": "config.settings",
@@ -89,8 +90,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .config.settings import (Project, find_inventory, find_project, layout, project_name,
                                   resolve_project)
     from .errors import (AuthError, CommandError, ConnectError, DeadlineError, FanOutError,
-                         FleetError, HostError, HostKeyError, InventoryError, LocalError,
-                         PythonMismatchError, RemoteError, RunInterrupted, TransferError)
+                         FleetError, GpusBusyError, HostError, HostKeyError, InventoryError,
+                         LocalError, PythonMismatchError, RemoteError, RunInterrupted,
+                         TransferError)
     from .fleet.checks import check_hosts, top_hosts
     from .fleet.fanout import FanOutResult, Outcome, fan_out, per_host
     from .fleet.inventory import Inventory

@@ -75,6 +75,11 @@ class TransferError(HostError):
     """Copying files or data to or from the host failed."""
 
 
+class GpusBusyError(CommandError):
+    """Every GPU of the host is someone else's: no worker could start there (a map hands
+    its work to the other hosts)."""
+
+
 class PythonMismatchError(HostError):
     """The host's Python cannot load pickles made by ours."""
 

@@ -44,6 +44,8 @@ def daskproj(fleet, tmp_path_factory) -> Path:
         pytest.skip(f"cannot download the Dask wheels here: {dl.stderr[-300:]}")
     (proj / "requirements.txt").write_text(
         f"--no-index\n--find-links /home/dev/fabfleet/{proj.name}/wheels\n" + "\n".join(pins))
+    for name in HOSTS.split(","):  # a testbed kept from an earlier run has another copy
+        sh(fleet, name, f"rm -rf ~/fabfleet/{proj.name} ~/fabfleet/.venvs/{proj.name}")
     for args in (["push", "-H", HOSTS],
                  ["setup-workdir", "-H", HOSTS, "--requirements", "requirements.txt"]):
         r = fleet.cli(*args, inventory=fleet.inventory_path, cwd=proj, timeout=600)
@@ -189,6 +191,8 @@ def test_dask_on_a_host_whose_address_is_not_loopback_and_a_co_tenant(fleet, das
     from conftest import user_cli
     monkeypatch.setenv("FABFLEET_SSH_CONFIG", str(fleet.lab_ssh_config))
     env = {"FABFLEET_SSH_CONFIG": str(fleet.lab_ssh_config)}
+    subprocess.run(["docker", "exec", "-u", "dev", fleet.container("stock"), "sh", "-c",
+                    f"rm -rf ~/fabfleet/{daskproj.name}"], check=True)  # a kept testbed's
     for args in (["push", "-H", "stock"],
                  ["setup-workdir", "-H", "stock", "--requirements", "requirements.txt"]):
         r = user_cli(fleet.bin, *args, inventory=fleet.lab_inventory, cwd=daskproj,

@@ -161,9 +161,14 @@ def test_a_gpu_host_whose_gpus_are_all_busy_starts_nothing(fleet, ippproj, monke
             with fleet.inventory().select(host="ws1,gpu1").ipyparallel():
                 pass
         assert info.value.host == "gpu1" and "every GPU of the host is in use" in str(info.value)
-    finally:
+    finally:  # the holder is root's in the container: dev cannot stop it
         hold.kill()
-        sh(fleet, "gpu1", "pkill -f fake-gpu-hold || true")
+        subprocess.run(["docker", "exec", fleet.container("gpu1"), "pkill", "-f",
+                        "fake-gpu-hold"], capture_output=True)
+        deadline = time.monotonic() + 10
+        while "fake-gpu-hold" in sh(fleet, "gpu1", "ps -eo args") and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
     for name in ("ws1", "gpu1"):
         assert ipp_processes(fleet, name) == 0
 
@@ -286,13 +291,16 @@ def test_another_user_can_neither_read_nor_attach_nor_listen(fleet, ippproj, mon
     from conftest import user_cli
     monkeypatch.setenv("FABFLEET_SSH_CONFIG", str(fleet.lab_ssh_config))
     env = {"FABFLEET_SSH_CONFIG": str(fleet.lab_ssh_config)}
+    box = fleet.container("stock")
+    subprocess.run(["docker", "exec", "-u", "dev", box, "sh", "-c",  # a kept testbed's copy
+                    f"rm -rf ~/fabfleet/{ippproj.name} ~/fabfleet/.venvs/{ippproj.name}"],
+                   check=True)
     for args in (["push", "-H", "stock"],
                  ["setup-workdir", "-H", "stock", "--requirements", "requirements.txt"]):
         r = user_cli(fleet.bin, *args, inventory=fleet.lab_inventory, cwd=ippproj,
                      timeout=900, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
     project_funcs(monkeypatch, ippproj)
-    box = fleet.container("stock")
     # eve's own copy of pyzmq and ipyparallel (from the wheels), outside dev's files
     for wheel in (ippproj / "wheels").glob("*.whl"):
         subprocess.run(["docker", "cp", str(wheel), f"{box}:/tmp/"], check=True)
@@ -340,6 +348,6 @@ def test_another_user_can_neither_read_nor_attach_nor_listen(fleet, ippproj, mon
         assert heard.strip() == "nothing", heard
     left = subprocess.run(["docker", "exec", "-u", "dev", box, "sh", "-c",
                            "pgrep -f '[i]pyparallel' | wc -l; "
-                           f"rm -rf ~/fabfleet/.venvs/{ippproj.name}"],
+                           f"rm -rf ~/fabfleet/.venvs/{ippproj.name} ~/fabfleet/{ippproj.name}"],
                           capture_output=True, text=True)
     assert left.stdout.strip() == "0"

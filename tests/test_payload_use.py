@@ -274,6 +274,29 @@ def test_killed_client_leaves_no_remote_worker(fleet, inv, tmp_path):
     assert wait_until(lambda: workers_on(inv, "ws1") + workers_on(inv, "gpu1") == 0, 10)
 
 
+def test_a_gpu_host_whose_gpus_are_all_busy_hands_its_items_to_the_others(fleet, inv):
+    """gpu1's one free A100 taken by someone else (a root process in the container): the
+    map's items go to ws1, none fails with "every GPU … in use" (seen in a bench run
+    while an ipyparallel engine held that GPU)."""
+    box = fleet.container("gpu1")
+    hold = subprocess.Popen(["docker", "exec", "-e", "CUDA_VISIBLE_DEVICES=0", box,
+                             "fake-gpu-hold", "4000", "300"])
+    try:
+        time.sleep(1)
+        got = []
+        values = inv.select(host="ws1,gpu1").map(
+            pf.chatty, range(6), on_output=lambda h, s, d: got.append(h))
+        assert values == list(range(6))
+        assert set(got) == {"ws1"}
+        # alone, the host's error is the map's
+        with pytest.raises(Exception, match="gpu1: GpusBusyError: every GPU on the host"):
+            inv.select(host="gpu1").map(pf.chatty, range(2))
+    finally:
+        hold.kill()
+        subprocess.run(["docker", "exec", box, "pkill", "-f", "fake-gpu-hold"],
+                       capture_output=True)
+
+
 # -- executor, integrity ----------------------------------------------------------------
 def test_executor_submit_map_and_hosts(inv):
     with inv.select(host="ws1,gpu1").executor(timeout=30) as ex:

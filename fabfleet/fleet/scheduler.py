@@ -2,8 +2,8 @@
 
 :class:`Scheduler` runs work on the selected hosts, ``max_jobs`` at a time on each: one
 thread per job slot, all pulling from one queue, so a slow host takes less and never
-stalls the others. A host that cannot be reached, or has the wrong Python, hands its
-work back to the others; when no host is left, what remains fails with the last host's
+stalls the others. A host that cannot be reached, has the wrong Python, or whose GPUs
+are all someone else's hands its work back to the others; when no host is left, what remains fails with the last host's
 error. Work is either a whole pickled call (:class:`FleetExecutor`, and ``map`` with a
 per-item ``timeout``) or an item of a map: consecutive items of one map travel together
 in chunks — index ranges, ``items[start:stop]`` on the wire — that start at
@@ -29,8 +29,8 @@ from typing import Any
 
 from ..config.inventory import Host
 from ..config.settings import resolve_project
-from ..errors import (ConnectError, FanOutError, HostError, LocalError, PythonMismatchError,
-                      RemoteError)
+from ..errors import (ConnectError, FanOutError, GpusBusyError, HostError, LocalError,
+                      PythonMismatchError, RemoteError)
 from ..host.payload import dumps, dumps_call, dumps_function
 from ..host.pool import Output, call_on_host, default_output, pool_for, remote_error
 from ..hostside import worker as proto
@@ -233,7 +233,7 @@ class Scheduler:
                                          project=self.project)
                 else:
                     value, errors = self._run(host, work, *span)
-            except (ConnectError, PythonMismatchError) as exc:
+            except (ConnectError, PythonMismatchError, GpusBusyError) as exc:
                 with self.cond:  # the host, not the work, is at fault
                     self.live.discard(host.name)
                     self.last_error = exc

@@ -43,8 +43,9 @@ import cloudpickle
 from ..config.deadlines import INTERRUPT_GRACE, deadlines
 from ..config.inventory import Host
 from ..config.settings import current_project_name
-from ..errors import (CommandError, ConnectError, DeadlineError, HostError, LocalError,
-                      PythonMismatchError, RemoteError, TransferError, host_errors)
+from ..errors import (CommandError, ConnectError, DeadlineError, GpusBusyError, HostError,
+                      LocalError, PythonMismatchError, RemoteError, TransferError,
+                      host_errors)
 from ..hostside import worker as proto
 from ..ssh import shell
 from ..ssh.connect import connect
@@ -455,7 +456,7 @@ class HostPool:
                 ours = [w for w in self.workers if w.hello.gpu]
             if not ours:
                 if time.monotonic() > deadline:
-                    raise CommandError(self.host.name, "every GPU on the host is in use by "
+                    raise GpusBusyError(self.host.name, "every GPU on the host is in use by "
                                        "other processes (see `fabfleet top`): nothing was "
                                        "run. Wait for one to be free, or pick another host.")
                 time.sleep(1.0)  # maybe one frees up; try a new worker again
