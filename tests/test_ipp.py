@@ -98,9 +98,18 @@ def test_engines_on_three_hosts_pinned_gpus_then_nothing_left(fleet, ippproj, mo
         # connection info has the server key, and the tunnels are local
         assert cluster.info["curve_serverkey"] and cluster.listen == "127.0.0.1"
         assert cluster.connection_info()["interface"] == "tcp://127.0.0.1"
+        local = Path(cluster.connection_file)  # for another client on this machine
+        assert oct(local.stat().st_mode & 0o777) == "0o600"
+        assert oct(local.parent.stat().st_mode & 0o777) == "0o700"
+        other = ipyparallel.Client(str(local), timeout=30)
+        try:
+            assert sorted(other[:].apply_sync(f.where)) == ["gpu1", "ws1", "ws2"]
+        finally:
+            other.close()
     for name in ("ws1", "ws2", "gpu1"):
         assert ipp_processes(fleet, name) == 0
     assert sh(fleet, "ws1", f"ls -d {where} 2>/dev/null || echo gone").strip() == "gone"
+    assert not local.exists()
 
 
 def test_a_killed_engine_host_leaves_the_others_working(fleet, ippproj, monkeypatch):

@@ -30,7 +30,10 @@ Results are unpickled here: that trusts the hosts (the README says so).
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -111,6 +114,8 @@ class IppCluster:
         self.tunnels: list[Tunnel] = []
         self.rc = None
         self.attached = False
+        #: a local copy of the rewritten connection info (see :meth:`connection_info`)
+        self.connection_file: str | None = None
 
     # -- starting ------------------------------------------------------------------
     def start(self) -> IppCluster:
@@ -189,14 +194,24 @@ class IppCluster:
         return sum(self.engines.values())
 
     def connection_info(self) -> dict:
-        """The client connection info, rewritten to local tunnels (opened on first use)."""
+        """The client connection info, rewritten to local tunnels (opened on first use;
+        also written, 0600 in a private dir, to :attr:`connection_file` for other
+        clients on this machine while the tunnels stay open)."""
         if not self.tunnels:
             cc = self.conns[self.controller_name]
             for channel in CLIENT_CHANNELS:
                 self.tunnels.append(Tunnel(cc, int(self.info[channel]),
                                            remote_host=self.listen).start())
-        return local_connection_info(self.info, dict(zip(
+        info = local_connection_info(self.info, dict(zip(
             CLIENT_CHANNELS, (t.local_port for t in self.tunnels))))
+        if self.connection_file is None:
+            private = tempfile.mkdtemp(prefix="fabfleet-ipp-")  # 0700
+            path = os.path.join(private, "ipcontroller-client.json")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            self.connection_file = path
+        return info
 
     def client(self, timeout: float | None = None):
         """An ``ipyparallel.Client`` over the tunnels, once every engine has registered
@@ -262,6 +277,9 @@ class IppCluster:
         for t in self.tunnels:
             t.close()
         self.tunnels.clear()
+        if self.connection_file is not None:
+            shutil.rmtree(os.path.dirname(self.connection_file), ignore_errors=True)
+            self.connection_file = None
 
     def stop(self) -> None:
         """Stop every engine, then the controller; remove the private dirs."""
