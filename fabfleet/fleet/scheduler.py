@@ -32,7 +32,8 @@ from ..config.settings import resolve_project
 from ..errors import (ConnectError, FanOutError, GpusBusyError, HostError, LocalError,
                       PythonMismatchError, RemoteError)
 from ..host.payload import dumps, dumps_call, dumps_function
-from ..host.pool import Output, call_on_host, default_output, pool_for, remote_error
+from ..host.pool import Output, call_on_host, default_output, pool_for
+from ..host.shipping import remote_error
 from ..hostside import worker as proto
 from .fanout import FanOutResult, fan_out
 

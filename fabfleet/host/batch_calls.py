@@ -7,6 +7,8 @@ into a fresh run dir over SFTP (0600 files in a 0700 dir: nothing on a command l
 the job is submitted like any run (:mod:`fabfleet.host.batch`), its output streams to
 ``on_output`` while it runs, and its ``result`` file gives the value or the remote error.
 Each call holds one of the host's ``max_jobs`` slots while its job is queued or runs.
+:func:`submit_files`, :func:`read_file` and :func:`cancel_job` are also what check-env's
+compute-node check (:func:`fabfleet.host.facts.compute_check`) submits its probe with.
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ import json
 import pickle
 import sys
 import threading
-import time
-from collections.abc import Sequence
 from typing import Any
 
-from ..config.deadlines import COMPUTE_CHECK, COMPUTE_CHECK_AGE
 from ..config.inventory import Host
 from ..config.settings import current_project_name
 from ..errors import CommandError, DeadlineError, TransferError
-from ..hostside import batch_call, probe, worker
+from ..hostside import batch_call, worker
 from ..ssh import shell
 from ..ssh.connect import connect
 from ..ssh.exec import execute
@@ -32,6 +31,7 @@ from ..ssh.launch import shipped_with, source
 from . import batch
 from .jobs import Job, runner_call
 from .runspec import new_run_id, run_spec
+from .shipping import cloudpickle_zip, remote_error
 from .slots import host_slots
 
 # The job's command: the env's Python runs batch_call.py from the run dir.
@@ -39,7 +39,7 @@ _LOADER = ("import os, sys; sys.path[0] = os.environ['FABFLEET_RUN_DIR']; "
            "exec(compile(open(sys.path[0] + '/batch_call.py').read(), 'batch_call.py', 'exec'))")
 
 
-def _submit(c, files: dict[str, bytes], command: list[str], display: str, *,
+def submit_files(c, files: dict[str, bytes], command: list[str], display: str, *,
             project: str, timeout: float | None = None) -> tuple[Job, str]:
     """Upload ``files`` into a fresh run dir (0600 in 0700) and submit ``command`` as a
     batch job on the login node behind ``c``; the job and its run dir."""
@@ -60,7 +60,7 @@ def _submit(c, files: dict[str, bytes], command: list[str], display: str, *,
     return Job(host, run_id, report), run_dir
 
 
-def _read(c, path: str) -> bytes | None:
+def read_file(c, path: str) -> bytes | None:
     try:
         with c.sftp().open(shell.home_relative(path), "rb") as f:
             return f.read()
@@ -73,7 +73,6 @@ def call(host: Host, blob: bytes, *, on_output, timeout: float | None = None,
          define: tuple[int, bytes] | None = None, project: str | None = None) -> Any:
     """Run one pickled call (or, with ``kind=CHUNK``, a map chunk) as a batch job on
     ``host``; its value, or :class:`~fabfleet.errors.RemoteError` as for any host."""
-    from .pool import cloudpickle_zip, remote_error
     project = project or current_project_name()
     with host_slots(host), connect(host) as c:
         if cancel is not None and cancel.is_set():
@@ -86,16 +85,16 @@ def call(host: Host, blob: bytes, *, on_output, timeout: float | None = None,
                                            define[1] if define else None, blob,
                                            (sys.implementation.name,) + sys.version_info[:2]),
                                           protocol=4)}
-        job, run_dir = _submit(c, files, [host.python, "-u", "-c", _LOADER],
+        job, run_dir = submit_files(c, files, [host.python, "-u", "-c", _LOADER],
                                "a Python call" if kind == worker.CALL else "a map chunk",
                                project=project, timeout=timeout)
         try:
             final = job.logs(follow=True, conn=c,
                              on_output=lambda data: on_output(host.name, "stdout", data))
         except KeyboardInterrupt:
-            _cancel(job)  # Ctrl-C: the job is cancelled, as any attached run's is
+            cancel_job(job)  # Ctrl-C: the job is cancelled, as any attached run's is
             raise
-        result = _read(c, f"{run_dir}/result")
+        result = read_file(c, f"{run_dir}/result")
     if result is None:
         if final.get("exit_code") == 124 and timeout is not None:
             raise DeadlineError(host.name, f"the call was stopped after {timeout:g}s (timeout)")
@@ -113,90 +112,7 @@ def call(host: Host, blob: bytes, *, on_output, timeout: float | None = None,
                             f"here: {type(exc).__name__}: {exc}") from exc
 
 
-# -- check-env on a login node: one tiny job on a compute node, cached ------------------
-_PROBE_LOADER = ("import os, sys; sys.path[0] = os.environ['FABFLEET_RUN_DIR']; "
-                 "sys.argv = ['probe', open(sys.path[0] + '/probe.json').read()]; "
-                 "exec(compile(open(sys.path[0] + '/probe.py').read(), 'probe.py', 'exec'))")
-COMPUTE_FACTS = ("python", "cloudpickle", "packages", "cpus", "meminfo", "nvidia_smi")
-CACHE_NAME = ".fabfleet-compute.json"
-
-
-def cached_compute(host: Host, cached: dict | None, require: Sequence[str]) -> dict | None:
-    """The last compute-node check (from the login node's work dir) if it still answers:
-    younger than :data:`~fabfleet.config.deadlines.COMPUTE_CHECK_AGE`, for this
-    interpreter, with every package in ``require`` looked at."""
-    if not cached or cached.get("python_setting") != host.python:
-        return None
-    if time.time() - float(cached.get("at") or 0) > COMPUTE_CHECK_AGE:
-        return None
-    if not set(require) <= set(cached.get("packages") or {}):
-        return None
-    return dict(cached, cached=True)
-
-
-def compute_check(c, require: Sequence[str] = (), project: str | None = None,
-                  wait: float = COMPUTE_CHECK) -> dict:
-    """Run the environment probe in a tiny batch job on a compute node (the host's setup
-    and env, the work dir seen from there): ``{"node", "python", "packages", "shared",
-    …}`` — or ``{"error": …}`` when it could not be done in ``wait`` seconds (the job is
-    then cancelled) or the job found no run dir (the work dir is not shared). A result
-    is cached on the login node (``<work_dir>/.fabfleet-compute.json``)."""
-    from . import facts
-    host: Host = c.fleet_host
-    project = project or current_project_name()
-    args = {"require": list(require), "work_dir": host.work_dir, "facts": list(COMPUTE_FACTS)}
-    job, run_dir = _submit(c, {"probe.py": source(probe).encode(),
-                               "probe.json": json.dumps(args).encode()},
-                           [host.python, "-c", _PROBE_LOADER], "the compute-node check",
-                           project=project, timeout=wait)
-    try:
-        state = job.wait(timeout=wait, poll=1.0)
-    except CommandError:
-        _cancel(job)
-        now = job.status()
-        return {"error": f"the check job ({host.scheduler} job {job.record.get('job_id')}) "
-                         f"was still {now.get('status')} ({now.get('reason') or '-'}) after "
-                         f"{wait:g}s; run check-env again when the cluster is less busy"}
-    out = (job.logs(conn=c).get("data") or b"").decode("utf-8", "replace")
-    try:
-        raw = facts.parse_probe_output(out)
-    except ValueError:
-        said = (state.get("batch_out") or out).strip()[-400:]
-        shared = _read(c, f"{run_dir}/node.json") is not None
-        return {"shared": shared, "error": (
-            f"the check job ({host.scheduler} job {job.record.get('job_id')}) ended "
-            f"{state.get('status')} without a report" + (
-                "" if shared else f": it left nothing in its run dir as seen from the login "
-                f"node, so the work dir {host.work_dir} is probably not on a file system the "
-                "compute nodes share (set `work_dir` to one, e.g. under $HOME or /scratch)")
-            + (f"; its output: {said}" if said else ""))}
-    node = json.loads((_read(c, f"{run_dir}/node.json") or b"{}").decode() or "{}")
-    report = {"node": node.get("node"), "shared": True, "at": time.time(),
-              "job_id": job.record.get("job_id"), "python_setting": host.python,
-              "cached": False}
-    for name, parse in (("python", facts.parse_python),
-                        ("cloudpickle", lambda v: {"cloudpickle": v}),
-                        ("packages", lambda v: {"packages": v}),
-                        ("cpus", lambda v: {"cpus": v["count"]}),
-                        ("nvidia_smi", facts.parse_nvidia_smi)):
-        if "ok" in raw.get(name, {}):
-            try:
-                report.update(parse(raw[name]["ok"]))
-            except (KeyError, TypeError, ValueError, IndexError):
-                pass
-    data = json.dumps(report).encode()
-    try:  # the cache, whole or not at all
-        where = shell.home_relative(host.work_dir.rstrip("/") or "/")
-        sftp = c.sftp()
-        with sftp.open(f"{where}/{CACHE_NAME}.tmp", "wb") as f:
-            f.write(data)
-        sftp.posix_rename(f"{where}/{CACHE_NAME}.tmp", f"{where}/{CACHE_NAME}")
-    except OSError:
-        pass
-    return report
-
-
-def _cancel(job: Job) -> None:
+def cancel_job(job: Job) -> None:
     try:
         job.kill()
     except Exception:  # noqa: BLE001 - the host may be gone: nothing left to cancel

@@ -5,24 +5,29 @@ object of *raw* observations (``/proc/meminfo`` text, the ``nvidia-smi`` CSV,
 ``sys.version_info``…). Each :class:`Fact` turns one raw value into a clean one with a
 pure ``parse`` function, tested on recorded outputs without a host. ``top`` adds the
 runner's job list (:func:`fabfleet.hostside.runner.job_status`) in the same round trip.
+On a cluster's login node check-env also runs the probe once in a tiny batch job on a
+compute node (:func:`compute_check`, through :mod:`fabfleet.host.batch_calls`), cached
+for a day in the work dir.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config.deadlines import QUICK_COMMAND
+from ..config.deadlines import COMPUTE_CHECK, COMPUTE_CHECK_AGE, QUICK_COMMAND
 from ..config.inventory import Host
-from ..config.settings import layout
+from ..config.settings import current_project_name, layout
 from ..errors import CommandError
 from ..hostside import probe, runner
 from ..ssh import shell
 from ..ssh.exec import execute
-from ..ssh.launch import python_command
+from ..ssh.launch import python_command, source
+from .batch_calls import cancel_job, read_file, submit_files
 
 MARKER = probe.MARKER
 
@@ -227,7 +232,6 @@ def check_env(c, *, require: Sequence[str] = (), project: str | None = None,
     report = interpret(host, raw, require)
     cache = report.pop("compute_cache", None)
     if host.scheduler and compute and report["ok"]:
-        from .batch_calls import cached_compute, compute_check
         node = cached_compute(host, cache, require) or compute_check(c, require, project)
         node = dict(node, packages={n: v for n, v in (node.get("packages") or {}).items()
                                     if n in require})  # a cached check may have asked more
@@ -253,6 +257,88 @@ def judge_compute(host: Host, report: dict, node: dict) -> None:
         report["ok"] = False
         report["error"] = "; ".join(filter(None, [report.get("error"),
                                                   f"{host.name}: " + "; ".join(problems) + "."]))
+
+
+# -- check-env on a login node: one tiny job on a compute node, cached ------------------
+_PROBE_LOADER = ("import os, sys; sys.path[0] = os.environ['FABFLEET_RUN_DIR']; "
+                 "sys.argv = ['probe', open(sys.path[0] + '/probe.json').read()]; "
+                 "exec(compile(open(sys.path[0] + '/probe.py').read(), 'probe.py', 'exec'))")
+COMPUTE_FACTS = ("python", "cloudpickle", "packages", "cpus", "meminfo", "nvidia_smi")
+CACHE_NAME = ".fabfleet-compute.json"
+
+
+def cached_compute(host: Host, cached: dict | None, require: Sequence[str]) -> dict | None:
+    """The last compute-node check (from the login node's work dir) if it still answers:
+    younger than :data:`~fabfleet.config.deadlines.COMPUTE_CHECK_AGE`, for this
+    interpreter, with every package in ``require`` looked at."""
+    if not cached or cached.get("python_setting") != host.python:
+        return None
+    if time.time() - float(cached.get("at") or 0) > COMPUTE_CHECK_AGE:
+        return None
+    if not set(require) <= set(cached.get("packages") or {}):
+        return None
+    return dict(cached, cached=True)
+
+
+def compute_check(c, require: Sequence[str] = (), project: str | None = None,
+                  wait: float = COMPUTE_CHECK) -> dict:
+    """Run the environment probe in a tiny batch job on a compute node (the host's setup
+    and env, the work dir seen from there): ``{"node", "python", "packages", "shared",
+    …}`` — or ``{"error": …}`` when it could not be done in ``wait`` seconds (the job is
+    then cancelled) or the job found no run dir (the work dir is not shared). A result
+    is cached on the login node (``<work_dir>/.fabfleet-compute.json``)."""
+    host: Host = c.fleet_host
+    project = project or current_project_name()
+    args = {"require": list(require), "work_dir": host.work_dir, "facts": list(COMPUTE_FACTS)}
+    job, run_dir = submit_files(c, {"probe.py": source(probe).encode(),
+                               "probe.json": json.dumps(args).encode()},
+                           [host.python, "-c", _PROBE_LOADER], "the compute-node check",
+                           project=project, timeout=wait)
+    try:
+        state = job.wait(timeout=wait, poll=1.0)
+    except CommandError:
+        cancel_job(job)
+        now = job.status()
+        return {"error": f"the check job ({host.scheduler} job {job.record.get('job_id')}) "
+                         f"was still {now.get('status')} ({now.get('reason') or '-'}) after "
+                         f"{wait:g}s; run check-env again when the cluster is less busy"}
+    out = (job.logs(conn=c).get("data") or b"").decode("utf-8", "replace")
+    try:
+        raw = parse_probe_output(out)
+    except ValueError:
+        said = (state.get("batch_out") or out).strip()[-400:]
+        shared = read_file(c, f"{run_dir}/node.json") is not None
+        return {"shared": shared, "error": (
+            f"the check job ({host.scheduler} job {job.record.get('job_id')}) ended "
+            f"{state.get('status')} without a report" + (
+                "" if shared else f": it left nothing in its run dir as seen from the login "
+                f"node, so the work dir {host.work_dir} is probably not on a file system the "
+                "compute nodes share (set `work_dir` to one, e.g. under $HOME or /scratch)")
+            + (f"; its output: {said}" if said else ""))}
+    node = json.loads((read_file(c, f"{run_dir}/node.json") or b"{}").decode() or "{}")
+    report = {"node": node.get("node"), "shared": True, "at": time.time(),
+              "job_id": job.record.get("job_id"), "python_setting": host.python,
+              "cached": False}
+    for name, parse in (("python", parse_python),
+                        ("cloudpickle", lambda v: {"cloudpickle": v}),
+                        ("packages", lambda v: {"packages": v}),
+                        ("cpus", lambda v: {"cpus": v["count"]}),
+                        ("nvidia_smi", parse_nvidia_smi)):
+        if "ok" in raw.get(name, {}):
+            try:
+                report.update(parse(raw[name]["ok"]))
+            except (KeyError, TypeError, ValueError, IndexError):
+                pass
+    data = json.dumps(report).encode()
+    try:  # the cache, whole or not at all
+        where = shell.home_relative(host.work_dir.rstrip("/") or "/")
+        sftp = c.sftp()
+        with sftp.open(f"{where}/{CACHE_NAME}.tmp", "wb") as f:
+            f.write(data)
+        sftp.posix_rename(f"{where}/{CACHE_NAME}.tmp", f"{where}/{CACHE_NAME}")
+    except OSError:
+        pass
+    return report
 
 
 # -- top: a live snapshot of load, memory, disk, GPUs and jobs ------------------------------

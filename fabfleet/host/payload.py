@@ -9,7 +9,7 @@ This module makes the calls: :func:`dumps_call` pickles a function with its argu
 
 Code sent by value keeps its file name (cloudpickle 3.1 replaces it with
 ``<dynamic-code>``), so a remote traceback names the user's file and line, and the
-local side adds the source line (:func:`fabfleet.host.pool.with_local_source`).
+local side adds the source line (:func:`fabfleet.host.shipping.with_local_source`).
 """
 
 from __future__ import annotations

@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import atexit
 import functools
-import io
 import json
 import pickle
 import select
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -44,7 +41,7 @@ from ..config.deadlines import INTERRUPT_GRACE, deadlines
 from ..config.inventory import Host
 from ..config.settings import current_project_name
 from ..errors import (CommandError, ConnectError, DeadlineError, GpusBusyError, HostError,
-                      LocalError, PythonMismatchError, RemoteError, TransferError,
+                      LocalError, PythonMismatchError, TransferError,
                       host_errors)
 from ..hostside import worker as proto
 from ..ssh import shell
@@ -53,6 +50,7 @@ from ..ssh.exec import send_all
 from ..ssh.launch import python_command
 from ..ssh.liveness import watchdog
 from ..ssh.output import PrefixedOutput
+from .shipping import cloudpickle_zip, remote_error
 from .slots import host_slots
 
 Output = Callable[[str, str, bytes], None]  # (host, "stdout"|"stderr", data)
@@ -85,16 +83,6 @@ class Hello:
 
 
 @functools.lru_cache(maxsize=1)
-def cloudpickle_zip() -> bytes:
-    """The local cloudpickle package as a zip (sent to hosts without the same version)."""
-    pkg = Path(cloudpickle.__file__).parent
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-        for f in sorted(pkg.glob("*.py")):
-            z.write(f, f"cloudpickle/{f.name}")
-    return out.getvalue()
-
-
 class Worker:
     """One remote interpreter on one channel; one call at a time."""
 
@@ -577,39 +565,6 @@ def call_on_host(host: Host, blob: bytes, *, on_output: Output | None = None,
             pool.give_back(w)
             return value
     raise AssertionError("unreachable")
-
-
-def remote_error(host: str, info: dict) -> RemoteError:
-    """The worker's error report → :class:`RemoteError`, its traceback completed with the
-    source lines this machine has and the host has not (functions sent by value: a
-    notebook cell, a project module), as a local traceback shows them."""
-    return RemoteError(host, info["type"], info["message"],
-                       with_local_source(info["traceback"]))
-
-
-def with_local_source(text: str) -> str:
-    """Add, under each ``File "…", line N`` of ``text`` that has no source line, the
-    line from the local file (``linecache``, which also knows notebook cells)."""
-    import linecache
-    lines = text.splitlines()
-    out: list[str] = []
-    for i, line in enumerate(lines):
-        out.append(line)
-        stripped = line.strip()
-        if not stripped.startswith('File "') or ", line " not in stripped:
-            continue
-        nxt = lines[i + 1] if i + 1 < len(lines) else ""
-        if nxt.startswith("    "):
-            continue  # the host had the source
-        try:
-            name = stripped[6:stripped.index('", line ')]
-            lineno = int(stripped.split(", line ", 1)[1].split(",", 1)[0])
-        except ValueError:
-            continue
-        source_line = linecache.getline(name, lineno).strip()
-        if source_line:
-            out.append(f"    {source_line}")
-    return "\n".join(out) + ("\n" if text.endswith("\n") else "")
 
 
 def worker_error(host: Host, exc: WorkerDied, pool: HostPool | None = None) -> HostError:
