@@ -24,7 +24,6 @@ hands calls to them and turns everything that can go wrong into errors naming th
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import pickle
 import select
@@ -82,7 +81,6 @@ class Hello:
     gpu_busy: bool = False     # the host has GPUs, but none was free for this worker
 
 
-@functools.lru_cache(maxsize=1)
 class Worker:
     """One remote interpreter on one channel; one call at a time."""
 

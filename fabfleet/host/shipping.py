@@ -4,6 +4,7 @@ the source lines only this machine has. Used by pooled workers and batch-job cal
 
 from __future__ import annotations
 
+import functools
 import io
 import zipfile
 from pathlib import Path
@@ -13,6 +14,7 @@ import cloudpickle
 from ..errors import RemoteError
 
 
+@functools.lru_cache(maxsize=1)
 def cloudpickle_zip() -> bytes:
     """The local cloudpickle package as a zip (sent to hosts without the same version)."""
     pkg = Path(cloudpickle.__file__).parent
