@@ -83,7 +83,7 @@ def preflight(conns: Mapping[str, object], project: str, *, required: Sequence[s
         if bad:
             pins = " ".join(f"{p}=={local[p]}" for p in required if local.get(p))
             problems[name] = CommandError(
-                name, f"cannot join a {framework} cluster with this machine: {'; '.join(bad)}. "
+                name, f"cannot join {_a(framework)} cluster with this machine: {'; '.join(bad)}. "
                 f"Put `{pins}` in a requirements.txt and run `fabfleet setup-workdir -H {name} "
                 "--requirements requirements.txt` (or install them in the host's env).")
     if problems:
@@ -91,6 +91,10 @@ def preflight(conns: Mapping[str, object], project: str, *, required: Sequence[s
         raise FanOutError(f"{len(problems)}/{len(conns)} hosts cannot run {framework}: "
                           f"{summary}", problems)
     return found
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
 def push_project(conns: Mapping[str, object], root: Path, project: str) -> None:
