@@ -2,10 +2,11 @@
 
 ``controller DIR LISTEN MISSES``: records DIR in ``$FABFLEET_RUN_DIR/controller.json``,
 then becomes ``ipcontroller`` (same pid) with its profile in ``DIR/profile``,
-listening on LISTEN (the host's inventory address, resolved here). Its configuration is a file written here, 0600: CurveZMQ on every socket (the controller's
-key pair made by the controller itself; its public key, which engines and clients need
-to complete a handshake, is only in the 0600 connection files) plus the HMAC key of
-ipyparallel's messages (made here, never on a command line). The engines drop off
+listening on LISTEN (the host's inventory address, resolved here). Its configuration
+is a file written here, 0600: CurveZMQ on every socket (the controller's key pair made
+by the controller itself; its public key, which engines and clients need to complete a
+handshake, is only in the 0600 connection files) plus the HMAC key of ipyparallel's
+messages (made here, never on a command line). The engines drop off
 after MISSES missed heartbeats.
 
 ``engines DIR N GPUS MISSES``: starts N ``ipengine`` processes from the connection file
