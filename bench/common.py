@@ -79,3 +79,35 @@ def compare(name: str, ours: Callable[[], None], baseline: Callable[[], None],
           f"ratio {ma / mb:5.2f}x   [fabfleet {min(a) * 1000:.1f}-{max(a) * 1000:.1f}, "
           f"baseline {min(b) * 1000:.1f}-{max(b) * 1000:.1f} ms]", flush=True)
     return ma / mb
+
+
+def pinned_project(inv, hosts, name: str, packages) -> Path:
+    """A fresh bench project ``name`` (a ``work.py`` with ``inc`` and a 50 ms ``nap``)
+    pushed to ``hosts``, its venv there holding ``packages`` at this machine's versions
+    from wheels pushed with it; the project's work.py is importable here (cwd, sys.path)."""
+    import tempfile
+    from importlib import metadata
+
+    from fabfleet import push, setup_workdir
+    from fabfleet.config.settings import layout
+    from fabfleet.ssh.exec import execute
+    proj = Path(tempfile.mkdtemp()) / name
+    proj.mkdir()
+    (proj / "pyproject.toml").write_text("")
+    (proj / "work.py").write_text("def inc(x):\n    return x + 1\n\n\n"
+                                  "def nap(x):\n    import time\n    time.sleep(0.05)\n"
+                                  "    return x\n")
+    pins = [f"{p}=={metadata.version(p)}" for p in packages]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+                    "--python-version", "3.11.2", "-d", str(proj / "wheels"), *pins], check=True)
+    (proj / "requirements.txt").write_text(
+        f"--no-index\n--find-links /home/dev/fabfleet/{proj.name}/wheels\n" + "\n".join(pins))
+    for h in hosts:
+        with inv.connect(h.name) as c:
+            # each run's project is a new temp dir: the last run's copy is another project
+            execute(c, f"rm -rf ~/fabfleet/{proj.name}", timeout=60)
+            push(c, proj, layout(h, proj.name)["project"])
+            setup_workdir(c, project=proj.name, requirements=proj / "requirements.txt")
+    os.chdir(proj)
+    sys.path.insert(0, str(proj))
+    return proj

@@ -177,3 +177,32 @@ def sh(fleet, name: str, command: str) -> str:
     from fabfleet.ssh.exec import execute
     with fleet.inventory().connect(name) as c:
         return execute(c, command).stdout
+
+
+def install_pinned(fleet, proj: Path, packages, hosts: str, what: str) -> None:
+    """Make ``proj`` a project whose venv on ``hosts`` has ``packages`` at this machine's
+    versions, installed from wheels pushed with it (as on hosts without Internet access);
+    skips the test when the wheels cannot be downloaded here. A copy of the project kept
+    from an earlier run (``FABFLEET_KEEP_TESTBED``) is removed first."""
+    from importlib import metadata
+    host_py = sh(fleet, hosts.split(",")[0],
+                 "python3 -c 'import platform; print(platform.python_version())'")
+    pins = [f"{p}=={metadata.version(p)}" for p in packages]
+    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+                         "--python-version", host_py.strip(), "-d", str(proj / "wheels"), *pins],
+                        capture_output=True, text=True, timeout=900)
+    if dl.returncode != 0:
+        pytest.skip(f"cannot download the {what} wheels here: {dl.stderr[-300:]}")
+    (proj / "requirements.txt").write_text(
+        f"--no-index\n--find-links /home/dev/fabfleet/{proj.name}/wheels\n" + "\n".join(pins))
+    remove_project(fleet, proj, hosts)
+    for args in (["push", "-H", hosts],
+                 ["setup-workdir", "-H", hosts, "--requirements", "requirements.txt"]):
+        r = fleet.cli(*args, inventory=fleet.inventory_path, cwd=proj, timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def remove_project(fleet, proj: Path, hosts: str) -> None:
+    """Remove ``proj``'s code and venv from ``hosts``."""
+    for name in hosts.split(","):
+        sh(fleet, name, f"rm -rf ~/fabfleet/{proj.name} ~/fabfleet/.venvs/{proj.name}")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import sh
+from conftest import install_pinned, remove_project, sh
 
 distributed = pytest.importorskip("distributed")
 
@@ -27,32 +27,16 @@ def dask_processes(fleet, name: str) -> int:
 
 @pytest.fixture(scope="module")
 def daskproj(fleet, tmp_path_factory) -> Path:
-    from importlib import metadata
     proj = tmp_path_factory.mktemp("dask") / "daskproj"
     proj.mkdir()
     (proj / "pyproject.toml").write_text("")
     (proj / "daskfuncs.py").write_text(
         "def inc(x):\n    return x + 1\n\n\n"
         "def slow_square(x):\n    import time\n    time.sleep(0.2)\n    return x * x\n")
-    host_py = sh(fleet, "ws1", "python3 -c 'import platform; print(platform.python_version())'")
-    pins = [f"{p}=={metadata.version(p)}" for p in ("dask", "distributed", "cloudpickle",
-                                                    "msgpack")]
-    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
-                         "--python-version", host_py.strip(), "-d", str(proj / "wheels"), *pins],
-                        capture_output=True, text=True, timeout=600)
-    if dl.returncode != 0:
-        pytest.skip(f"cannot download the Dask wheels here: {dl.stderr[-300:]}")
-    (proj / "requirements.txt").write_text(
-        f"--no-index\n--find-links /home/dev/fabfleet/{proj.name}/wheels\n" + "\n".join(pins))
-    for name in HOSTS.split(","):  # a testbed kept from an earlier run has another copy
-        sh(fleet, name, f"rm -rf ~/fabfleet/{proj.name} ~/fabfleet/.venvs/{proj.name}")
-    for args in (["push", "-H", HOSTS],
-                 ["setup-workdir", "-H", HOSTS, "--requirements", "requirements.txt"]):
-        r = fleet.cli(*args, inventory=fleet.inventory_path, cwd=proj, timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
+    install_pinned(fleet, proj, ("dask", "distributed", "cloudpickle", "msgpack"), HOSTS,
+                   "Dask")
     yield proj
-    for name in HOSTS.split(","):
-        sh(fleet, name, f"rm -rf ~/fabfleet/.venvs/{proj.name}")
+    remove_project(fleet, proj, HOSTS)
 
 
 def project_funcs(monkeypatch, daskproj):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import sh
+from conftest import install_pinned, remove_project, sh
 
 ipyparallel = pytest.importorskip("ipyparallel")
 
@@ -25,19 +25,6 @@ def ipp_processes(fleet, name: str) -> int:
     return int(out.strip())
 
 
-def wheels_for(fleet, host: str, dest: Path) -> list[str]:
-    """Download the ipyparallel wheels for ``host``'s Python into ``dest``; the pins."""
-    from importlib import metadata
-    host_py = sh(fleet, host, "python3 -c 'import platform; print(platform.python_version())'")
-    pins = [f"{p}=={metadata.version(p)}" for p in PINS]
-    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
-                         "--python-version", host_py.strip(), "-d", str(dest), *pins],
-                        capture_output=True, text=True, timeout=900)
-    if dl.returncode != 0:
-        pytest.skip(f"cannot download the ipyparallel wheels here: {dl.stderr[-300:]}")
-    return pins
-
-
 @pytest.fixture(scope="module")
 def ippproj(fleet, tmp_path_factory) -> Path:
     proj = tmp_path_factory.mktemp("ipp") / "ippproj"
@@ -48,18 +35,9 @@ def ippproj(fleet, tmp_path_factory) -> Path:
         "def inc(x):\n    return x + 1\n\n\n"
         "def where():\n    return open('/etc/fabfleet-host').read().strip()\n\n\n"
         "def gpu():\n    return os.environ.get('CUDA_VISIBLE_DEVICES')\n")
-    pins = wheels_for(fleet, "ws1", proj / "wheels")
-    (proj / "requirements.txt").write_text(
-        f"--no-index\n--find-links /home/dev/fabfleet/{proj.name}/wheels\n" + "\n".join(pins))
-    for name in HOSTS.split(","):  # a testbed kept from an earlier run has another copy
-        sh(fleet, name, f"rm -rf ~/fabfleet/{proj.name} ~/fabfleet/.venvs/{proj.name}")
-    for args in (["push", "-H", HOSTS],
-                 ["setup-workdir", "-H", HOSTS, "--requirements", "requirements.txt"]):
-        r = fleet.cli(*args, inventory=fleet.inventory_path, cwd=proj, timeout=900)
-        assert r.returncode == 0, r.stdout + r.stderr
+    install_pinned(fleet, proj, PINS, HOSTS, "ipyparallel")
     yield proj
-    for name in HOSTS.split(","):
-        sh(fleet, name, f"rm -rf ~/fabfleet/{proj.name} ~/fabfleet/.venvs/{proj.name}")
+    remove_project(fleet, proj, HOSTS)
 
 
 def project_funcs(monkeypatch, proj):

@@ -62,14 +62,8 @@ class DaskCluster:
                  scheduler_host: str | None = None, idle_timeout: str = "1h",
                  death_timeout: str = "60s", start_timeout: float = APP_START,
                  tls: bool = True, credentials_dir: str | Path | None = None) -> None:
-        self.hosts = list(hosts)
-        if not self.hosts:
-            raise LocalError("a Dask cluster needs at least one host")
-        names = [h.name for h in self.hosts]
-        self.scheduler_name = scheduler_host or names[0]
-        if self.scheduler_name not in names:
-            raise LocalError(f"scheduler_host {self.scheduler_name!r} is not among the selected "
-                             f"hosts ({', '.join(names)})")
+        self.hosts, self.scheduler_name = handoff.service_host(hosts, scheduler_host,
+                                                               "scheduler_host", "Dask")
         self.project = project
         self.project_root = Path(project_root) if project_root else None
         self.push = push and self.project_root is not None

@@ -21,7 +21,8 @@ from pathlib import Path
 from ..config.deadlines import QUICK_COMMAND
 from ..config.inventory import Host
 from ..config.settings import layout, project_identity
-from ..errors import CommandError, ConnectError, FanOutError, HostError, host_errors
+from ..errors import (CommandError, ConnectError, FanOutError, HostError, LocalError,
+                      host_errors)
 from ..host.files import local_files
 from ..host.jobs import Job, list_jobs
 from ..host.push import push
@@ -31,6 +32,22 @@ from ..ssh.connect import sftp_client, sftp_put_private
 from ..ssh.exec import execute
 from ..ssh.launch import python_command
 from ..ssh.liveness import watched
+
+
+def service_host(hosts: Sequence[Host], chosen: str | None, option: str,
+                 framework: str) -> tuple[list[Host], str]:
+    """The selected hosts and the one the cluster's scheduler/controller goes on:
+    ``chosen`` (the ``option`` the user gave) or the first; a LocalError when there is no
+    host or ``chosen`` is not among them."""
+    hosts = list(hosts)
+    if not hosts:
+        raise LocalError(f"{_a(framework)} cluster needs at least one host")
+    names = [h.name for h in hosts]
+    name = chosen or names[0]
+    if name not in names:
+        raise LocalError(f"{option} {name!r} is not among the selected hosts "
+                         f"({', '.join(names)})")
+    return hosts, name
 
 
 def local_versions(names: Iterable[str]) -> dict[str, str | None]:
@@ -94,6 +111,7 @@ def preflight(conns: Mapping[str, object], project: str, *, required: Sequence[s
 
 
 def _a(word: str) -> str:
+    """``word`` with its article: "a Dask", "an ipyparallel"."""
     return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 

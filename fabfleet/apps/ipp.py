@@ -92,14 +92,8 @@ class IppCluster:
                  project_root: str | Path | None = None, push: bool = True,
                  controller_host: str | None = None, start_timeout: float = APP_START,
                  engine_timeout: float = 60.0) -> None:
-        self.hosts = list(hosts)
-        if not self.hosts:
-            raise LocalError("an ipyparallel cluster needs at least one host")
-        names = [h.name for h in self.hosts]
-        self.controller_name = controller_host or names[0]
-        if self.controller_name not in names:
-            raise LocalError(f"controller_host {self.controller_name!r} is not among the "
-                             f"selected hosts ({', '.join(names)})")
+        self.hosts, self.controller_name = handoff.service_host(
+            hosts, controller_host, "controller_host", "ipyparallel")
         self.project = project
         self.project_root = Path(project_root) if project_root else None
         self.push = push and self.project_root is not None

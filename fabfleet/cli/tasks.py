@@ -604,14 +604,19 @@ def dask_up(c, selected, scheduler_host=None, idle_timeout="1h", no_tls=False):
         conn.close()
 
 
+def _stop_clusters(c, selected, stop, task: str) -> None:
+    """``dask-down``/``ipp-down``: ``stop(conn, project)`` on every host, one table."""
+    name = project(c).name
+    results = _per_host(selected, lambda conn: stop(conn, name))
+    _outcomes(results, f"{task} ({name})", ["jobs stopped"],
+              lambda ids: [", ".join(ids) or "-"])
+
+
 @hosts_task()
 def dask_down(c, selected):
     """Stop this project's Dask scheduler and workers on the hosts."""
     from ..apps.dask import stop_project_clusters
-    name = project(c).name
-    results = _per_host(selected, lambda conn: stop_project_clusters(conn, name))
-    _outcomes(results, f"dask-down ({name})", ["jobs stopped"],
-              lambda ids: [", ".join(ids) or "-"])
+    _stop_clusters(c, selected, stop_project_clusters, "dask-down")
 
 
 @hosts_task(help={"controller_host": "host for the controller (default: the first selected)"})
@@ -645,10 +650,7 @@ def ipp_up(c, selected, controller_host=None):
 def ipp_down(c, selected):
     """Stop this project's ipyparallel controller and engines on the hosts."""
     from ..apps.ipp import stop_project_clusters
-    name = project(c).name
-    results = _per_host(selected, lambda conn: stop_project_clusters(conn, name))
-    _outcomes(results, f"ipp-down ({name})", ["jobs stopped"],
-              lambda ids: [", ".join(ids) or "-"])
+    _stop_clusters(c, selected, stop_project_clusters, "ipp-down")
 
 
 @hosts_task(help={
