@@ -111,3 +111,43 @@ def pinned_project(inv, hosts, name: str, packages) -> Path:
     os.chdir(proj)
     sys.path.insert(0, str(proj))
     return proj
+
+
+class _Far:
+    """What :func:`far_host` gives: ``inventory`` (one host, ``far``), ``home`` (a private
+    HOME for the run), ``ssh_base`` (OpenSSH with the same key and checks, no host yet)
+    and ``login``."""
+
+
+def far_host(work: Path, rtt_ms: float):
+    """Testbed host ws1 as ``far``, ``rtt_ms`` away through testbed/latency.py's proxy
+    (directly at 0 ms), with a known_hosts, inventory and home of its own under ``work``."""
+    import contextlib
+
+    from testbed.latency import LatencyProxy
+
+    from fabfleet import Inventory
+
+    @contextlib.contextmanager
+    def make():
+        port0 = Inventory.load(ensure_testbed())["ws1"].port
+        proxy = LatencyProxy(("127.0.0.1", port0), rtt_ms=rtt_ms) if rtt_ms else None
+        with proxy or contextlib.nullcontext():
+            port = proxy.port if proxy else port0
+            work.mkdir(parents=True, exist_ok=True)
+            far = _Far()
+            far.home = work / "home"
+            far.home.mkdir(exist_ok=True)
+            line = (testbed.STATE / "known_hosts").read_text().splitlines()[0]
+            kh = work / "known_hosts"
+            kh.write_text(line.replace(f"[127.0.0.1]:{port0}", f"[127.0.0.1]:{port}") + "\n")
+            far.inventory = work / "inventory.yaml"
+            far.inventory.write_text(
+                f"defaults: {{user: dev, key_file: {testbed.KEY}, known_hosts: {kh}}}\n"
+                f"hosts:\n  far: {{hostname: 127.0.0.1, port: {port}}}\n")
+            far.ssh_base = ["ssh", "-i", str(testbed.KEY), "-p", str(port), "-o",
+                            f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
+                            "-o", "BatchMode=yes"]
+            far.login = "dev@127.0.0.1"
+            yield far
+    return make()

@@ -124,6 +124,9 @@ def _isolated_ssh(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("FABFLEET_INVENTORY", raising=False)
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    # each test's own home would get its own connection keeper, left running for a
+    # minute after the test; tests/test_keep.py turns it on where it is the subject
+    monkeypatch.setenv("FABFLEET_PERSIST", "0")
 
 
 @pytest.fixture

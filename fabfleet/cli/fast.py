@@ -1,4 +1,5 @@
-"""The ``fabfleet`` command's front door: ``--list`` and ``TASK --help`` without Invoke.
+"""The ``fabfleet`` command's front door: ``--list`` and ``TASK --help`` without Invoke,
+other tasks through the connection keeper (:mod:`.keeper`) when there is one.
 
 Importing Invoke (and, through it, ``unittest.mock`` and asyncio) costs more than a
 hundred milliseconds, while what ``fabfleet --list`` and ``fabfleet TASK --help`` print
@@ -116,6 +117,11 @@ def _write(path, data):
 def main():
     """Console-script entry point."""
     args = sys.argv[1:]
+    from . import keeper
+    if keeper.wanted(args):
+        code = keeper.run(sys.argv)  # None: no keeper here (busy, off, not ours)
+        if code is not None:
+            sys.exit(code)
     path = _cache_file(args) if _cacheable(args) else None
     text = _read(path)
     if text is not None:

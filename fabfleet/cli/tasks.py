@@ -743,8 +743,18 @@ def run_pickle(c, selected, payload, out="gathered", max_parallel=None):
               lambda v: [repr(v)[:60]])
 
 
+@fleet_task
+def disconnect(c):
+    """Close the connections kept open between commands (FABFLEET_PERSIST), as
+    `ssh -O exit` does for a ControlMaster."""
+    from .keeper import stop
+    closed = stop()
+    print(f"closed the kept connections to {', '.join(closed)}" if closed else
+          "no connections were kept")
+
+
 ns = Collection(init, hosts, check_env, setup_workdir, push, run_remote, run_command,
                 queue_submit, queue_status, queue_cancel, queue_retry, run_pickle, gather,
                 clean, jobs, logs, kill, tunnel, jupyter, top, dask_up, dask_down, ipp_up,
-                ipp_down)
+                ipp_down, disconnect)
 ns.configure({"fabfleet": {"inventory": None, "project": None}})

@@ -45,7 +45,7 @@ from ..errors import (CommandError, ConnectError, DeadlineError, GpusBusyError, 
 from ..hostside import worker as proto
 from ..ssh import shell
 from ..ssh.connect import connect
-from ..ssh.exec import send_all
+from ..ssh.exec import send_all, start_command
 from ..ssh.launch import python_command
 from ..ssh.liveness import watchdog
 from ..ssh.output import PrefixedOutput
@@ -105,7 +105,7 @@ class Worker:
                                    json.dumps({"allowed": self.host.gpus,
                                                "slots": self.host.tasks_per_gpu})],
                 project=project, unbuffered=True)
-            self.chan.exec_command(command.command)
+            start_command(self.chan, command.command)
             send_all(self.chan, command.stdin)  # the worker's source; calls follow
         deadline = time.monotonic() + timeout
         kind, _, data = self._frame_before(deadline)

@@ -28,7 +28,7 @@ from ..errors import LocalError, TransferError, host_errors
 from ..ssh import shell
 from ..ssh.connect import sftp_client, sftp_makedirs, ssh_command_for
 from ..hostside.runner import MARKER
-from ..ssh.exec import execute, send_all
+from ..ssh.exec import execute, send_all, start_command
 from ..ssh.shell import Remote
 from ..ssh.liveness import watched
 from .files import (FIND_LISTING, LocalFile, Progress, local_files, parse_find_listing,
@@ -281,7 +281,7 @@ def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
             on_progress(min(sent[0], total), total)
     with watched(c, f"push to {remote_dir}"), host_errors(host, f"push to {remote_dir}"):
         chan = c.client.get_transport().open_session(timeout=deadlines(c.fleet_host).handshake)
-        chan.exec_command(extract)
+        start_command(chan, extract)
         sink = _ChannelWriter(chan, progress)
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for f in files:

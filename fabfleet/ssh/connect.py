@@ -32,6 +32,7 @@ from paramiko.config import SSHConfig
 from ..config.deadlines import deadlines
 from ..config.inventory import Host
 from ..errors import AuthError, ConnectError, FleetError, HostError, HostKeyError, host_errors
+from . import keep
 from .shell import home_relative
 from .hostkeys import HostKeyPolicy, host_key_name, known_hosts_files, negotiation
 
@@ -64,9 +65,13 @@ class FleetConnection(fabric.Connection):
     fleet_host: Host = None  # type: ignore[assignment]
     route: tuple[str, ...] = ()
     known_hosts_files: list[str] = []
+    _fabfleet_gateway_key: tuple | None = None
     handshakes: threading.BoundedSemaphore | None = None
     _fabfleet_opening: threading.Lock | None = None
     _fabfleet_watchdog = None
+    #: in the connection keeper: what a kept connection must match to be used for this
+    #: one (see :mod:`fabfleet.ssh.keep`); None: never kept (bastions, other processes)
+    _fabfleet_keep_key: tuple | None = None
 
     def open(self):  # noqa: D102 - fabric API
         if self.is_connected:
@@ -74,7 +79,17 @@ class FleetConnection(fabric.Connection):
         with self._fabfleet_opening:  # a shared bastion is opened by many targets' threads at once
             if self.is_connected:
                 return None
-            return self._open()
+            key = self._fabfleet_keep_key if keep.active() else None
+            if key is not None:
+                client = keep.take(key)
+                if client is not None:  # verified with the same files, still answering
+                    self.client = client
+                    self.transport = client.get_transport()
+                    return None
+            result = self._open()
+            if key is not None:
+                keep.lend(key, self.client, self.fleet_host)
+            return result
 
     def _open(self):
         name = self.fleet_host.name
@@ -104,7 +119,10 @@ class FleetConnection(fabric.Connection):
 
     def close(self):  # noqa: D102 - fabric API
         """Close, never raise: a connection through a bastion that is itself going away
-        can fail to say goodbye (EOFError), and that is no error of anyone's."""
+        can fail to say goodbye (EOFError), and that is no error of anyone's. In the
+        connection keeper, an open connection is kept for the next command instead."""
+        if keep.detach(self):
+            return
         try:
             super().close()
         except (EOFError, OSError, paramiko.SSHException):
@@ -176,7 +194,7 @@ class _SerialChannel:
 
 
 _gateways: dict[str, FleetConnection] = {}
-_gateways_lock = threading.Lock()
+_gateways_lock = threading.RLock()  # a bastion's own bastion is opened under it
 
 
 def _gateway(hop: Host) -> FleetConnection:
@@ -185,9 +203,15 @@ def _gateway(hop: Host) -> FleetConnection:
     key = repr(hop)
     with _gateways_lock:
         conn = _gateways.get(key)
+        if conn is not None and keep.active() and \
+                connect(hop)._fabfleet_keep_key != conn._fabfleet_gateway_key:
+            conn.close()  # the keeper outlives commands: the bastion's files changed since
+            conn = None
         if conn is None:
             conn = _gateways[key] = connect(hop)
             conn.handshakes = threading.BoundedSemaphore(HANDSHAKES_PER_GATEWAY)
+            # shared by the targets behind it, never lent to one
+            conn._fabfleet_gateway_key, conn._fabfleet_keep_key = conn._fabfleet_keep_key, None
         return conn
 
 
@@ -284,6 +308,12 @@ def connect(host: Host) -> FleetConnection:
         conn.connect_kwargs["disabled_algorithms"] = preferred
     conn.client.set_missing_host_key_policy(HostKeyPolicy(host, files, record_to))
     conn.known_hosts_files = files
+    if keep.active():
+        conn._fabfleet_keep_key = (
+            repr(host), conn.host, conn.port, conn.user, conn.route,
+            gateway._fabfleet_gateway_key if gateway else None,
+            keep.stamp([*files, *(conn.connect_kwargs.get("key_filename") or []),
+                        os.environ.get(SSH_CONFIG_ENV, "~/.ssh/config")]))
     return conn
 
 

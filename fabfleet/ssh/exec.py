@@ -12,16 +12,104 @@ it while the command runs, and a host that does not answer within its
 from __future__ import annotations
 
 import select
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import paramiko
+from paramiko.common import cMSG_CHANNEL_REQUEST
+
 from ..config.deadlines import deadlines
 from ..errors import CommandError, ConnectError, host_errors
 from .liveness import watchdog
-from .shell import Remote
+from .shell import Remote, from_stdin
 
 Sink = Callable[[bytes], None]
+
+
+def start_command(chan, command: str) -> None:
+    """Ask the host to run ``command`` on session channel ``chan`` without waiting for
+    its yes, as OpenSSH's client does: stdin can follow at once and the output comes in
+    the same round trip (paramiko's ``exec_command`` waits a round trip first). The
+    reply still arrives before any output; a refusal closes the channel, which
+    :func:`refused` then tells apart from a command that ended."""
+    m = paramiko.Message()
+    m.add_byte(cMSG_CHANNEL_REQUEST)
+    m.add_int(chan.remote_chanid)
+    m.add_string("exec")
+    m.add_boolean(True)
+    m.add_string(command)
+    chan._event_pending()
+    chan.transport._send_user_message(m)
+
+
+#: a session that waits for its command on stdin (see :func:`open_command`): the
+#: reader of :func:`~fabfleet.ssh.shell.from_stdin`, whose ``read`` takes one byte at a
+#: time, so nothing after the command is consumed
+_STANDBY = from_stdin("", "").command
+#: standby sessions kept ready per connection in the keeper (each holds one of the
+#: host's MaxSessions, stock 10, and an idle ``sh`` there)
+STANDBYS = 2
+_standby_lock = threading.Lock()
+
+
+def open_command(c, command: str, timeout: float):
+    """A session channel on connection ``c`` running ``command`` (its stdin still ours).
+
+    In the connection keeper a kept connection has :data:`STANDBYS` sessions already
+    started, each an ``sh`` waiting for one line; the command goes to one of them as
+    ``exec COMMAND`` — so it runs as if started now (the same command line, guard and
+    all, in the same login session), without the two round trips of opening a session
+    and of OpenSSH's zero initial window (sshd lets no stdin in before the command
+    starts). Elsewhere: a new session, the command started with :func:`start_command`."""
+    transport = c.client.get_transport()
+    with _standby_lock:
+        ready = getattr(transport, "_fabfleet_standby", None) or []
+        chan = None
+        while ready and chan is None:
+            candidate = ready.pop(0)
+            if not candidate.closed and not candidate.exit_status_ready():
+                chan = candidate
+    if chan is not None:
+        send_all(chan, from_stdin("", "exec " + command).stdin)
+        refill_standby(transport)
+        return chan
+    chan = transport.open_session(timeout=timeout)
+    start_command(chan, command)
+    if getattr(transport, "_fabfleet_standby", None) is not None:
+        refill_standby(transport)
+    return chan
+
+
+def refill_standby(transport) -> None:
+    """Start standby sessions on ``transport`` (in the background) up to
+    :data:`STANDBYS`; from then on :func:`open_command` keeps them topped up."""
+    def fill() -> None:
+        while transport.is_active():
+            with _standby_lock:
+                ready = transport.__dict__.setdefault("_fabfleet_standby", [])
+                ready[:] = [ch for ch in ready if not ch.closed]
+                if len(ready) + getattr(transport, "_fabfleet_starting", 0) >= STANDBYS:
+                    return
+                transport._fabfleet_starting = getattr(transport, "_fabfleet_starting", 0) + 1
+            try:
+                chan = transport.open_session(timeout=15)
+                start_command(chan, _STANDBY)
+            except Exception:  # noqa: BLE001 - no standby: commands open their own
+                return
+            finally:
+                with _standby_lock:
+                    transport._fabfleet_starting -= 1
+            with _standby_lock:
+                transport._fabfleet_standby.append(chan)
+    threading.Thread(target=fill, daemon=True, name="fabfleet-standby").start()
+
+
+def refused(chan) -> bool:
+    """Whether the host refused the command :func:`start_command` asked for (no yes came
+    before the channel closed)."""
+    return chan.closed and not chan.event_ready
 
 
 def send_all(chan, data: bytes) -> None:
@@ -71,12 +159,14 @@ def execute(c, command: str | Remote, *, timeout: float | None = 600,
     started = time.monotonic()
     dog = watchdog(c)
     with host_errors(host, action), dog.busy():
-        chan = c.client.get_transport().open_session(
-            timeout=deadlines(c.fleet_host).handshake)
+        limit = deadlines(c.fleet_host).handshake
+        if pty:
+            chan = c.client.get_transport().open_session(timeout=limit)
+            chan.get_pty()
+            start_command(chan, remote.command)
+        else:
+            chan = open_command(c, remote.command, limit)
         try:
-            if pty:
-                chan.get_pty()
-            chan.exec_command(remote.command)
             if remote.stdin:
                 send_all(chan, remote.stdin)
             if heartbeat is None:
@@ -122,6 +212,11 @@ def execute(c, command: str | Remote, *, timeout: float | None = 600,
                         "rebooted or dropped the session). Output received so far was kept; "
                         "check the host and run again.")
                 if chan.closed:
+                    if refused(chan):
+                        raise CommandError(host, f"the host's sshd refused to run the command "
+                                           f"for {action} (a ForceCommand, a restricted "
+                                           "shell or a session limit?); try `ssh` to it by "
+                                           "hand to see its reason")
                     break  # closed without exit status: killed by a signal (code 255)
             code = chan.recv_exit_status()
         finally:
