@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = ["bench_startup.py", "bench_check_env.py", "bench_runs.py", "bench_gather.py", "bench_map.py",
-           "bench_latency.py",
+           "bench_latency.py", "bench_keep.py",
            "bench_payload.py", "bench_tunnel.py", "bench_dask.py", "bench_ipp.py", "bench_scale.py"]
 LINE = re.compile(r"^(?P<name>.+?)\s+fabfleet\s+(?P<ours>[\d.]+) ms\s+baseline\s+"
                   r"(?P<base>[\d.]+) ms\s+ratio\s+(?P<ratio>[\d.]+)x\s+\[fabfleet "

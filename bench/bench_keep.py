@@ -64,10 +64,12 @@ def at(rtt: float, work: Path) -> None:
                                     far.login]
             run = [fab, "run", "-H", "far", "--", "true"]
             check = [fab, "check-env", "-H", "far"]
-            subprocess.run(run, check=True, capture_output=True, env=warm_env, cwd=far.home)  # keeper up
+            # the first command: starts the keeper, which keeps its connection
+            subprocess.run(run, check=True, capture_output=True, env=warm_env, cwd=far.home)
             print(f"at {rtt:g} ms round trip:")
             compare(f"2nd command: run -- true vs ssh -S ControlMaster ({rtt:g} ms)",
-                    lambda: subprocess.run(run, check=True, capture_output=True, env=warm_env, cwd=far.home),
+                    lambda: subprocess.run(run, check=True, capture_output=True, env=warm_env,
+                                           cwd=far.home),
                     lambda: subprocess.run(viacm + ["true"], check=True, capture_output=True),
                     rounds=7)
             compare(f"2nd command: check-env vs ControlMaster python3 ({rtt:g} ms)",

@@ -30,14 +30,19 @@ if __name__ == "__main__":
         (proj / "lib" / f"m{i}.py").write_text(f"X = {i}\n" * 20)
     (proj / "train.py").write_text("print('hello')\n")
     run(fabfleet_argv("push", "-H", "ws1"), cwd=proj)
-    compare("run-remote -H ws1 train.py, project unchanged",
-            lambda: run(fabfleet_argv("run-remote", "-H", "ws1", "train.py"), cwd=proj),
-            lambda: (run(scp_argv("ws1") + [str(proj / "train.py"), dest]),
-                     run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
-    compare("run-remote -H ws1 hello.py, no project",
-            lambda: run(fabfleet_argv("run-remote", "-H", "ws1", str(hello)), cwd="/"),
-            lambda: (run(scp_argv("ws1") + [str(hello), dest]),
-                     run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
+    for label, persist in (("first command", "0"), ("kept connections", "60")):
+        keeper = {"FABFLEET_PERSIST": persist}
+        compare(f"run-remote -H ws1 train.py, project unchanged ({label})",
+                lambda: run(fabfleet_argv("run-remote", "-H", "ws1", "train.py"), cwd=proj,
+                            env=keeper),
+                lambda: (run(scp_argv("ws1") + [str(proj / "train.py"), dest]),
+                         run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
+        compare(f"run-remote -H ws1 hello.py, no project ({label})",
+                lambda: run(fabfleet_argv("run-remote", "-H", "ws1", str(hello)), cwd="/",
+                            env=keeper),
+                lambda: (run(scp_argv("ws1") + [str(hello), dest]),
+                         run(ssh_argv("ws1") + ["python3", "bench-hello.py"])))
+    run(fabfleet_argv("disconnect"))
 
     from fabfleet import Inventory, connect, push, run_script
     inv = Inventory.load(ensure_testbed())

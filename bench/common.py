@@ -50,10 +50,10 @@ def fabfleet_argv(*args: str) -> list[str]:
     return [str(ROOT / ".venv" / "bin" / "fabfleet"), *args]
 
 
-def run(argv: list[str], **kw) -> None:
+def run(argv: list[str], env: dict | None = None, **kw) -> None:
     subprocess.run(argv, check=kw.pop("check", True), stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, env={**os.environ, "FABFLEET_INVENTORY": str(INV)},
-                   **kw)
+                   stderr=subprocess.DEVNULL,
+                   env={**os.environ, "FABFLEET_INVENTORY": str(INV), **(env or {})}, **kw)
 
 
 def parallel(argvs: list[list[str]]) -> None:
