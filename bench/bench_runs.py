@@ -77,5 +77,15 @@ if __name__ == "__main__":
             compare(f"push 1000 files, unchanged ({host})",
                     lambda hc=hc: push(hc, tree, "~/bench-ours"),
                     lambda: plain_rsync("bench-rsync"), rounds=5)
+    # the same unchanged push from the command line (the project is the 1000-file tree)
+    (tree / "pyproject.toml").write_text("")
+    run(fabfleet_argv("push", "-H", "ws1"), cwd=tree)
+    plain_rsync("bench-rsync")
+    for label, persist in (("first command", "0"), ("kept connections", "60")):
+        compare(f"fabfleet push -H ws1, 1000 files unchanged ({label}) vs rsync",
+                lambda persist=persist: run(fabfleet_argv("push", "-H", "ws1"), cwd=tree,
+                                            env={"FABFLEET_PERSIST": persist}),
+                lambda: plain_rsync("bench-rsync"), rounds=5)
+    run(fabfleet_argv("disconnect"))
     wipe()
     shutil.rmtree(work)

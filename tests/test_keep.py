@@ -52,12 +52,14 @@ def test_a_second_command_uses_the_first_ones_connection(keeper, fleet, tmp_path
     # it is still each command's own: exit code, stderr, working directory, environment
     r = keeper("run", "-H", "ws1", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
     assert (r.returncode, r.stdout, "err" in r.stderr) == (3, "out\n", True)
-    sub = tmp_path / "proj"
+    sub = tmp_path / "keeper-proj"  # a name no other test's project has on ws1
     sub.mkdir()
     (sub / "pyproject.toml").write_text("")
     (sub / "hello.py").write_text("import os\nprint('from', os.path.basename(os.getcwd()))\n")
     r = keeper("run-remote", "-H", "ws1", "hello.py", cwd=sub)
-    assert (r.returncode, r.stdout) == (0, "from proj\n"), r.stderr
+    assert (r.returncode, r.stdout) == (0, "from keeper-proj\n"), r.stderr
+    r = keeper("clean", "-H", "ws1", "--code", "--force", cwd=sub)
+    assert r.returncode == 0, r.stdout + r.stderr
     other = tmp_path / "other.yaml"
     other.write_text(fleet.inventory_path.read_text().replace("ws1:", "renamed:", 1))
     r = keeper("run", "-H", "renamed", "--", "true", inventory=other)

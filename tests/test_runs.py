@@ -140,6 +140,48 @@ def test_run_with_project_push(fleet, project):
     assert out == {"argv": ["x", "y z"], "value": 42, "data": "some data\n"}
 
 
+def test_an_unchanged_project_and_its_run_are_one_session(fleet, project, monkeypatch):
+    """The push's listing travels with the run: an unchanged project costs one session
+    (one round trip on a kept connection); anything changed, here or on the host, is
+    pushed first and the new code runs."""
+    import paramiko
+
+    from fabfleet.config.settings import resolve_project
+    from fabfleet.fleet.runs import run_many
+    opened = []
+    real = paramiko.Transport.open_session
+
+    def counted(self, *a, **kw):
+        opened.append(1)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(paramiko.Transport, "open_session", counted)
+    hosts = fleet.inventory().select(host="ws1")
+
+    def run() -> tuple[int, str]:
+        opened.clear()
+        out: list[bytes] = []
+        results = run_many(hosts, script=project / "main.py", project=resolve_project(project),
+                           cwd=project, on_output=lambda h, s, d: out.append(d))
+        assert results["ws1"].ok and results["ws1"].value.exit_code == 0, results["ws1"]
+        return len(opened), b"".join(out).decode()
+    run()
+    assert run() == (1, "done 42\n")
+    util = project / "pkg" / "util.py"
+    util.write_text("VALUE = 43\n")
+    os.utime(util, (time.time() + 5, time.time() + 5))
+    sessions, out = run()
+    assert out == "done 43\n" and sessions > 1
+    assert run() == (1, "done 43\n")
+    remote(fleet, "ws1", "echo 'VALUE = 0' > ~/fabfleet/proj/pkg/util.py")  # changed there
+    sessions, out = run()
+    assert out == "done 43\n" and sessions > 1
+    remote(fleet, "ws1", "rm ~/fabfleet/proj/.fabfleet-project")  # the marker gone
+    sessions, out = run()
+    assert out == "done 43\n" and sessions > 1
+    assert remote(fleet, "ws1", "cat ~/fabfleet/proj/.fabfleet-project")  # written again
+    assert run() == (1, "done 43\n")
+
+
 def test_host_dying_mid_run_is_reported_and_others_finish(fleet, tmp_path):
     script = write(tmp_path / "long.py", """\
         import time

@@ -127,7 +127,10 @@ class Keeper:
                     continue
                 except KeyboardInterrupt:  # a late Ctrl-C of a finished command
                     continue
-                self.command(program, conn, request, fds)
+                try:
+                    self.command(program, conn, request, fds)
+                except KeyboardInterrupt:  # the command's Ctrl-C, in a gap of its end
+                    pass
                 self.idle = float(request.get("idle") or self.idle)  # the newest setting
                 with self.lock:
                     self.busy = False
@@ -171,8 +174,8 @@ class Keeper:
         finally:
             with self.lock:
                 self.running = False
-            for sig, handler in handlers.items():  # a task may have set its own
-                signal.signal(sig, handler)
+            # a Ctrl-C sent just before the end is not to stop the cleanup below
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 close_workers()
             except Exception:  # noqa: BLE001 - a worker of a dead host
@@ -191,6 +194,8 @@ class Keeper:
             os.environ.update(env)
             os.chdir(cwd)
             render.console.cache_clear()
+            for sig, handler in handlers.items():  # a task may have set its own
+                signal.signal(sig, handler)
         try:
             send_frame(conn, {"exit": code})
         except OSError:

@@ -15,8 +15,8 @@ from ..config.deadlines import deadlines
 from ..errors import CommandError, LocalError, RunInterrupted
 from ..host.files import local_files
 from ..host.jobs import free_port, start_job
-from ..host.push import push
-from ..host.runs import RunResult, run_script, stop_active_runs
+from ..host.push import expectation, parse_state, push
+from ..host.runs import ProjectStale, RunResult, run_script, stop_active_runs
 from ..host.runspec import UNMARKED_MAX_BYTES, UNMARKED_MAX_FILES, new_run_id
 from ..ssh.connect import connect
 from .fanout import fan_out
@@ -141,9 +141,12 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str] | None = None
                         port[0] = free_port(c)
                     finally:
                         port_known.set()
-                if to_push is not None:
-                    push(c, root, layout(host, name)["project"], files=to_push,
-                         identity=identity)
+                remote_project = layout(host, name)["project"]
+                # an attached run, alone: the push's listing goes with the run
+                together = to_push is not None and not detach and ready is None and \
+                    not (host.scheduler or sbatch or qsub)
+                if to_push is not None and not together:
+                    push(c, root, remote_project, files=to_push, identity=identity)
                 port_known.wait(deadlines(host).check)
                 env = launch_env(hosts, index, port[0])
                 if ready is not None:
@@ -158,8 +161,19 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str] | None = None
                             qsub=qsub)
                 if detach:
                     return start_job(c, script, args, **what)
-                result = run_script(c, script, args, on_stdout=sink("stdout"),
-                                    on_stderr=sink("stderr"), cancelled=cancel, **what)
+                result = None
+                if together:
+                    try:
+                        result = run_script(c, script, args, on_stdout=sink("stdout"),
+                                            on_stderr=sink("stderr"), cancelled=cancel,
+                                            expect=expectation(to_push, identity,
+                                                               remote_project), **what)
+                    except ProjectStale as stale:  # nothing ran: push, then run
+                        push(c, root, remote_project, files=to_push, identity=identity,
+                             state=parse_state(c, remote_project, *stale.listing))
+                if result is None:
+                    result = run_script(c, script, args, on_stdout=sink("stdout"),
+                                        on_stderr=sink("stderr"), cancelled=cancel, **what)
                 if not result.ok and not failed.is_set():
                     fail_gang(host)
                 return result

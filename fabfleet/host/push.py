@@ -51,39 +51,62 @@ class PushResult:
     warnings: tuple[str, ...] = ()
 
 
-def _remote_state(c, remote_dir: str
-                  ) -> tuple[dict | None, set[str], dict[str, tuple], list[str]]:
+def state_script(remote_dir: str) -> str:
+    """The listing's shell text (see :func:`remote_state`): the runner runs it too, when
+    a run finds its project out of date (:func:`expectation`)."""
+    d = shell.path(remote_dir)
+    return (f"umask 077 && mkdir -p -- {d} && cd -- {d} || exit 4; "
+            f"head -c 4000 {MARKER} 2>/dev/null | tr -d '\\n'; echo; "
+            "for t in rsync tar; do command -v $t >/dev/null 2>&1 && printf '%s ' $t; "
+            f"done; echo; {FIND_LISTING}")
+
+
+def remote_state(c, remote_dir: str
+                 ) -> tuple[dict | None, set[str], dict[str, tuple], list[str]]:
     """One round trip: create ``remote_dir``, say which of rsync and tar the host has,
     and list what is already there (see :func:`remote_manifest`); entries that could not
     be read (another user's, root's) come back as warnings naming them. First of all, the
     project marker found there (``None``: none)."""
-    d = shell.path(remote_dir)
-    cmd = shell.sh(f"umask 077 && mkdir -p -- {d} && cd -- {d} || exit 4; "
-                   f"head -c 4000 {MARKER} 2>/dev/null | tr -d '\\n'; echo; "
-                   "for t in rsync tar; do command -v $t >/dev/null 2>&1 && printf '%s ' $t; "
-                   f"done; echo; {FIND_LISTING}")
-    result = execute(c, cmd, timeout=TREE_COMMAND, action=f"list files in {remote_dir}")
-    if result.exit_code == 4:
-        full = "No space left" in result.stderr
+    result = execute(c, shell.sh(state_script(remote_dir)), timeout=TREE_COMMAND,
+                     action=f"list files in {remote_dir}")
+    return parse_state(c, remote_dir, result.exit_code, result.stdout_bytes, result.stderr)
+
+
+def parse_state(c, remote_dir: str, exit_code: int, stdout: bytes, stderr: str
+                ) -> tuple[dict | None, set[str], dict[str, tuple], list[str]]:
+    """:func:`state_script`'s output, however it was run, as :func:`remote_state` says."""
+    if exit_code == 4:
+        full = "No space left" in stderr
         raise TransferError(c.fleet_host.name, f"could not create {remote_dir}: "
-                            f"{result.stderr.strip() or result.stdout.strip()}. "
+                            f"{stderr.strip() or stdout.decode(errors='replace').strip()}. "
                             + ("The host's disk is full." if full else "Check that `work_dir` "
                                "in the inventory is writable for the user."))
-    mark, _, rest = result.stdout_bytes.partition(b"\n")
+    mark, _, rest = stdout.partition(b"\n")
     first, _, listing = rest.partition(b"\n")
     tools = set(first.decode(errors="replace").split())
     try:
         marker = json.loads(mark) if mark.strip() else None
     except ValueError:
         marker = {"id": "?", "from": "an unreadable marker"}
-    denied = unreadable_entries(result.stderr)
+    denied = unreadable_entries(stderr)
     manifest = parse_find_listing(listing)
-    if result.exit_code != 0 and denied is None:  # no find -printf: SFTP
+    if exit_code != 0 and denied is None:  # no find -printf: SFTP
         denied = []
         manifest = sftp_manifest(c, remote_dir, denied)
     manifest.pop(MARKER, None)
     return (marker if isinstance(marker, dict) else None, tools, manifest,
             [unreadable_warning(remote_dir, denied)] if denied else [])
+
+
+def expectation(files: Sequence[LocalFile], identity: dict[str, str], remote_dir: str
+                ) -> dict:
+    """What a run checks first on the host (``spec["expect"]``) so that an unchanged
+    project costs no listing round trip of its own: this project's marker there, and
+    every file of the push as the listing would show it if unchanged. If anything
+    differs, the runner runs :func:`state_script` instead and nothing else."""
+    return {"dir": remote_dir, "id": identity["id"],
+            "files": [[f.rel, list(f.state())] for f in files],
+            "listing": state_script(remote_dir)}
 
 
 def check_marker(host: str, remote_dir: str, marker: dict | None,
@@ -141,7 +164,8 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
          excludes: Sequence[str] = (), method: str = "auto",
          on_progress: Progress | None = None,
          files: Sequence[LocalFile] | None = None,
-         identity: dict[str, str] | None = None) -> PushResult:
+         identity: dict[str, str] | None = None,
+         state: tuple | None = None) -> PushResult:
     """Sync ``local_dir`` into ``remote_dir`` on the host; return what was sent.
 
     ``method`` is ``"auto"`` (rsync when both ends have it, else a tar stream when the
@@ -153,7 +177,8 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
 
     ``identity`` (a project's, :func:`~fabfleet.config.settings.project_identity`): the
     first push leaves it in ``remote_dir`` as a marker, and a push of another project
-    into the same directory is refused.
+    into the same directory is refused. ``state``: :func:`remote_state`'s answer when
+    the caller already has it (a run that found its project stale brings it back).
     """
     if method not in METHODS:
         raise LocalError(f"push method {method!r}: expected {', '.join(METHODS[:-1])} or "
@@ -161,7 +186,9 @@ def push(c, local_dir: str | os.PathLike[str], remote_dir: str, *,
     started = time.monotonic()
     files = list(files) if files is not None else \
         local_files(local_dir, excludes, never=[c.fleet_host.key_file])
-    marker, tools, manifest, warnings = _remote_state(c, remote_dir)
+    marker, tools, manifest, warnings = state if state is not None else \
+        remote_state(c, remote_dir)
+    warnings = list(warnings)
     if identity is not None:
         check_marker(c.fleet_host.name, remote_dir, marker, identity)
     if method == "auto":

@@ -20,6 +20,7 @@ group when the channel closes or the heartbeat stops for
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -66,6 +67,15 @@ _active_lock = threading.Lock()
 _active: dict[tuple[str, str], object] = {}  # (host, run_dir) -> connection
 
 
+class ProjectStale(Exception):
+    """A run given ``expect`` found its project out of date on the host and ran nothing:
+    ``.listing`` is push's listing of it there, ``(exit code, stdout, stderr)``."""
+
+    def __init__(self, listing: tuple[int, bytes, str]) -> None:
+        super().__init__("the project on the host is out of date")
+        self.listing = listing
+
+
 def run_command(c, command: str | Sequence[str], *, shell: bool = False,
                 **kwargs) -> RunResult:
     """Run a command on the host as :func:`run_script` runs a script (same env, cwd,
@@ -86,7 +96,8 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
                command: Sequence[str] | None = None, module: str | None = None,
                env: dict[str, str] | None = None,
                sbatch: str | Sequence[str] | None = None,
-               qsub: str | Sequence[str] | None = None) -> RunResult:
+               qsub: str | Sequence[str] | None = None,
+               expect: dict | None = None) -> RunResult:
     """Run a Python script on the host with its Python, env and ``env`` vars.
 
     The script runs in ``<work_dir>/<project>/<cwd>`` (``project`` defaults to the local
@@ -107,6 +118,10 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
     inventory's directives; the output streams from the job's output file (stdout and
     stderr together, as the scheduler's own file has them); ``timeout`` counts from the
     job's start; Ctrl-C cancels the job.
+
+    ``expect`` (:func:`fabfleet.host.push.expectation`): run only if the pushed project
+    is as expected, else raise :class:`ProjectStale` with push's listing — so the
+    listing of an unchanged project and the run are one round trip.
     """
     host: Host = c.fleet_host
     script = Path(script) if script is not None else None
@@ -123,6 +138,8 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
         spec["batch"] = batch.batch_spec(host, project, sbatch, qsub)
         return _run_batch(c, spec, label, lay, project, cancelled, on_stdout, on_stderr)
     spec["client_lost"] = CLIENT_LOST  # the host stops the run when we are gone
+    if expect is not None:
+        spec["expect"] = expect
     command = python_command(host, runner, ["run", json.dumps(spec)], project=project)
     stderr = RunnerStderr(on_stderr)
     key = (host.name, run_dir)
@@ -143,6 +160,10 @@ def run_script(c, script: str | os.PathLike[str] | None, args: Sequence[str] = (
                 _active.pop(key, None)
     code = result.exit_code
     marker = stderr.marker.decode("utf-8", "replace")
+    if code == runner.PROJECT_STALE and marker.startswith(runner.STALE):
+        record = json.loads(marker[len(runner.STALE):].splitlines()[0])
+        raise ProjectStale((record["code"], base64.b64decode(record["stdout"]),
+                            base64.b64decode(record["stderr"]).decode("utf-8", "replace")))
     stderr_tail = stderr.tail.decode("utf-8", "replace") + marker
     report = stderr.report()
     if _ERR + " python" in stderr_tail and code == 127:

@@ -23,6 +23,7 @@ import base64
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,9 @@ ISOLATED = True  # run with `python -I`: nothing of the user's (cwd, user site) 
 SHIPS_WITH = ("gpus", "batch")
 ERROR = "\x1efabfleet-error: "
 REPORT = "\x1efabfleet-report: "
+STALE = "\x1efabfleet-stale: "
 RUNNER_FAILED = 95
+PROJECT_STALE = 76  # the pushed project is not as expected: nothing was run
 COMMAND_MISSING = 127  # as a shell says it
 SCRIPT_MISSING = 96
 TIMED_OUT = 124
@@ -993,10 +996,56 @@ def supervise(spec, argv, display, cwd, env, run_dir, notes, announce=None, batc
     return code
 
 
+def project_is_current(expect):
+    """Whether the pushed project is exactly what the laptop has: its marker names this
+    project, and every file the push would send has the size and whole-second mtime (a
+    symlink: the target) it has there, readable — what push's listing compares."""
+    root = os.path.abspath(os.path.expanduser(expect["dir"]))
+    try:
+        with open(os.path.join(root, MARKER), "rb") as f:
+            marker = json.loads(f.read(4000).decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("id") != expect["id"]:
+        return False
+    for rel, state in expect["files"]:
+        path = os.path.join(root, rel)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if state[0] == "link":
+            try:
+                if not stat.S_ISLNK(st.st_mode) or os.readlink(path) != state[1]:
+                    return False
+            except OSError:
+                return False
+        elif not stat.S_ISREG(st.st_mode) or st.st_size != state[0] or \
+                int(st.st_mtime) != state[1] or not os.access(path, os.R_OK):
+            return False
+    return True
+
+
+def stale_project(expect):
+    """The project is out of date: run push's own listing instead of the run and hand
+    its output back (one record on stderr), so that the push needs no round trip of
+    its own; exit PROJECT_STALE, nothing run, nothing made."""
+    proc = subprocess.Popen(["sh", "-c", expect["listing"]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    out, err = proc.communicate()
+    sys.stderr.write(STALE + json.dumps({"code": proc.returncode,
+                                         "stdout": base64.b64encode(out).decode(),
+                                         "stderr": base64.b64encode(err).decode()}) + "\n")
+    sys.stderr.flush()
+    sys.exit(PROJECT_STALE)
+
+
 def main(spec):
     notes = []
     def expand(p):  # absolute: a relative path starting with "-" must never be an option
         return os.path.abspath(os.path.expanduser(p))
+    if spec.get("expect") and not project_is_current(spec["expect"]):
+        stale_project(spec["expect"])
     run_dir, cwd, work_dir = expand(spec["run_dir"]), expand(spec["cwd"]), expand(spec["work_dir"])
     try:
         os.makedirs(work_dir, mode=0o700, exist_ok=True)
