@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import textwrap
@@ -180,6 +181,40 @@ def test_an_unchanged_project_and_its_run_are_one_session(fleet, project, monkey
     assert out == "done 43\n" and sessions > 1
     assert remote(fleet, "ws1", "cat ~/fabfleet/proj/.fabfleet-project")  # written again
     assert run() == (1, "done 43\n")
+
+
+def test_the_bytecode_cache_is_used_only_while_nobody_else_could_write_it(fleet, tmp_path):
+    """Host-side programs are compiled once per source and Python into a private cache
+    (as __pycache__ is); a cache file or directory others could write is never run."""
+    cache = "~/.cache/fabfleet/bytecode"
+    remote(fleet, "ws1", f"rm -rf {cache}")
+    hello = write(tmp_path / "hello.py", "print('hello')\n")
+
+    def run() -> str:
+        r = fleet.cli("run-remote", "--host", "ws1", str(hello),
+                      inventory=fleet.inventory_path, cwd=tmp_path)
+        return r.stdout + r.stderr
+    assert "hello" in run()
+    listing = remote(fleet, "ws1", f"stat -c '%a %n' {cache} {cache}/*")
+    modes = [line.split()[0] for line in listing.splitlines()]
+    assert modes[0] == "700" and len(modes) > 1 and set(modes[1:]) == {"600"}, listing
+    # every cached program replaced by one that says so, as another user would try
+    evil = ("import glob, marshal, os; [open(p, 'wb').write(marshal.dumps(compile("
+            "'print(\"pwned\")', 'x', 'exec'))) for p in glob.glob(os.path.expanduser("
+            "'~/.cache/fabfleet/bytecode/*'))]")
+    remote(fleet, "ws1", f"python3 -c {shlex.quote(evil)} && chmod 666 {cache}/*")
+    out = run()
+    assert "hello" in out and "pwned" not in out, out
+    remote(fleet, "ws1", f"python3 -c {shlex.quote(evil)} && chmod 600 {cache}/* && "
+                         f"chmod 777 {cache}")
+    out = run()
+    assert "hello" in out and "pwned" not in out, out
+    # the same files, ours alone: they are what runs (the cache is real)
+    remote(fleet, "ws1", f"python3 -c {shlex.quote(evil)} && chmod 600 {cache}/* && "
+                         f"chmod 700 {cache}")
+    assert "pwned" in run()
+    remote(fleet, "ws1", f"rm -rf {cache}")
+    assert "hello" in run()
 
 
 def test_host_dying_mid_run_is_reported_and_others_finish(fleet, tmp_path):
