@@ -7,6 +7,7 @@ one-line probe (``python3 -c`` printing the version) on the same aliases, 32 at 
 like fabfleet's default. Printed per size: wall time (the ``compare`` row), client CPU
 seconds per host and peak RSS for both, and the growth from 64 to 256 hosts.
 
+    .venv/bin/pip install -q -e '.[bench]'    # parallel-ssh, the baseline
     .venv/bin/python bench/bench_scale.py
 """
 
@@ -17,6 +18,12 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, compare, ensure_testbed
+
+try:
+    import pssh  # noqa: F401 - the baseline, run in its own process below
+except ImportError:
+    sys.exit("bench_scale.py: the baseline needs parallel-ssh: "
+             ".venv/bin/pip install -q -e '.[bench]'")
 
 import testbed
 
