@@ -4,7 +4,8 @@ each line also gives the number of round trips (wall time ÷ RTT).
 
 * check-env of one host (library call) vs ``ssh host python3 -c …`` (the same facts);
 * a warm payload call vs a command on an open OpenSSH ControlMaster connection;
-* run-remote of an unchanged project (CLI) vs ``scp`` the script + ``ssh`` run it;
+* run-remote of an unchanged project (CLI: a first command, and with kept connections)
+  vs ``scp`` the script + ``ssh`` run it;
 * an unchanged push (library) vs ``rsync`` of the same tree;
 * a gather of 5 small files (library) vs ``scp -r`` of their directory;
 * a cold ``@remote`` call in a new process vs ``ssh host python3 -c``.
@@ -18,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import compare, ensure_testbed
+from common import compare, ensure_testbed, git_project
 
 import testbed
 from testbed.latency import LatencyProxy
@@ -77,14 +78,11 @@ if __name__ == "__main__":
                     lambda: subprocess.run(viacm + ["true"], check=True, capture_output=True),
                     rounds=9)
             trips("warm call", lambda: run_payload(c, abs, -2), 9)
-            proj = work / "proj"
-            proj.mkdir()
-            (proj / "pyproject.toml").write_text("")
             # One identity across runs (a git origin), so that the copy an earlier run
-            # pushed to ~/fabfleet/proj is this project's, not a stranger's of that name.
-            subprocess.run(["git", "init", "-q", str(proj)], check=True)
-            subprocess.run(["git", "-C", str(proj), "remote", "add", "origin",
-                            "https://example.org/bench/proj.git"], check=True)
+            # pushed to the host is this project's, not a stranger's of that name.
+            proj = git_project(work / "bench-latency-proj",
+                               "https://example.org/bench/latency-proj.git")
+            (proj / "pyproject.toml").write_text("")
             for i in range(50):
                 (proj / f"mod{i}.py").write_text(f"X = {i}\n")
             push(c, proj, "~/fabfleet/bench-latency")
@@ -116,12 +114,16 @@ if __name__ == "__main__":
         scp = ["scp", "-q", "-i", str(testbed.KEY), "-P", str(proxy.port), "-o",
                f"UserKnownHostsFile={kh}", "-o", "StrictHostKeyChecking=yes",
                str(proj / "main.py"), "dev@127.0.0.1:fabfleet/bench-latency-rsync/main.py"]
-        compare(f"run-remote unchanged project vs scp+ssh ({RTT_MS:g} ms)",
-                lambda: subprocess.run(cli, check=True, capture_output=True, cwd=proj, env=env),
-                lambda: (subprocess.run(scp, check=True, capture_output=True),
-                         subprocess.run(ssh + ["cd fabfleet/bench-latency-rsync && python3 "
-                                               "main.py"], check=True, capture_output=True)),
-                rounds=5)
+        for label, persist in (("first command", "0"), ("kept connections", "60")):
+            keeper = {**env, "FABFLEET_PERSIST": persist}
+            compare(f"run-remote unchanged project ({label}) vs scp+ssh ({RTT_MS:g} ms)",
+                    lambda: subprocess.run(cli, check=True, capture_output=True, cwd=proj,
+                                           env=keeper),
+                    lambda: (subprocess.run(scp, check=True, capture_output=True),
+                             subprocess.run(ssh + ["cd fabfleet/bench-latency-rsync && "
+                                                   "python3 main.py"], check=True,
+                                            capture_output=True)), rounds=5)
+        subprocess.run([cli[0], "disconnect"], capture_output=True, env=env)
         cold = ("import os; from fabfleet import remote\n"
                 "@remote('far', inventory=os.environ['FABFLEET_INVENTORY'])\n"
                 "def f(x):\n    return x + 1\n"

@@ -14,7 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import compare, ensure_testbed, fabfleet_argv, run, scp_argv, ssh_argv
+from common import (compare, ensure_testbed, fabfleet_argv, git_project, run, scp_argv,
+                    ssh_argv)
 
 
 if __name__ == "__main__":
@@ -23,7 +24,9 @@ if __name__ == "__main__":
     hello = work / "hello.py"
     hello.write_text("print('hello')\n")
     dest = "dev@127.0.0.1:bench-hello.py"
-    proj = work / "proj"
+    # One identity across runs (a git origin): the copy an earlier run pushed to the host
+    # is this project's, not a stranger's of the same name.
+    proj = git_project(work / "bench-runs-proj", "https://example.org/bench/runs-proj.git")
     (proj / "lib").mkdir(parents=True)
     (proj / "pyproject.toml").write_text("")
     for i in range(48):
@@ -78,6 +81,7 @@ if __name__ == "__main__":
                     lambda hc=hc: push(hc, tree, "~/bench-ours"),
                     lambda: plain_rsync("bench-rsync"), rounds=5)
     # the same unchanged push from the command line (the project is the 1000-file tree)
+    git_project(tree, "https://example.org/bench/runs-tree.git")
     (tree / "pyproject.toml").write_text("")
     run(fabfleet_argv("push", "-H", "ws1"), cwd=tree)
     plain_rsync("bench-rsync")

@@ -81,6 +81,15 @@ def compare(name: str, ours: Callable[[], None], baseline: Callable[[], None],
     return ma / mb
 
 
+def git_project(path: Path, origin: str) -> Path:
+    """``path`` (made if need be) as a clone of ``origin``: ``git init`` with that origin,
+    which is what makes every run's copy the same project on the hosts."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    subprocess.run(["git", "-C", str(path), "remote", "add", "origin", origin], check=True)
+    return path
+
+
 def pinned_project(inv, hosts, name: str, packages) -> Path:
     """A fresh bench project ``name`` (a ``work.py`` with ``inc`` and a 50 ms ``nap``)
     pushed to ``hosts``, its venv there holding ``packages`` at this machine's versions
