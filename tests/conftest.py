@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -156,6 +157,16 @@ def user_cli(bin_dir: Path, *args: str, inventory: Path | None = None,
         full_env["FABFLEET_INVENTORY"] = str(inventory)
     return subprocess.run([str(bin_dir / program), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or full_env["HOME"])
+
+
+def wait_until(check, timeout: float) -> bool:
+    """Whether ``check()`` came true within ``timeout`` seconds (asked every 0.2 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return check()
 
 
 def clone(path: Path, origin: str) -> Path:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import user_cli
+from conftest import user_cli, wait_until
 from fabfleet.config.deadlines import KEEPALIVE_INTERVAL
 
 PORT = ["run", "-H", "ws1", "--", "sh", "-c", "echo ${SSH_CLIENT% *}"]
@@ -118,28 +118,19 @@ def _client(fleet, tmp_path, *args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(check, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 @pytest.mark.parametrize("how", ["ctrl-c", "client killed"])
 def test_ctrl_c_or_a_killed_client_stops_the_command_in_the_keeper(keeper, fleet, tmp_path,
                                                                    how):
     port_of(keeper(*PORT))  # the keeper is up and holds ws1
     tag = f"sleep 7{os.getpid() % 1000}{len(how)}"
     proc = _client(fleet, tmp_path, "run", "-H", "ws1", "--", "sh", "-c", tag)
-    assert _wait_for(lambda: _remote_sleepers(fleet, tag), 30), "the command never started"
+    assert wait_until(lambda: _remote_sleepers(fleet, tag), 30), "the command never started"
     proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     if how == "ctrl-c":
         assert proc.returncode == 130, err
         assert "interrupted" in err
-    assert _wait_for(lambda: not _remote_sleepers(fleet, tag), 30), "the remote command lived on"
+    assert wait_until(lambda: not _remote_sleepers(fleet, tag), 30), "the remote command lived on"
     # the keeper is free again, its connection intact
     r = keeper(*PORT)
     assert r.returncode == 0, r.stderr
@@ -150,7 +141,7 @@ def test_a_busy_keeper_lets_the_next_command_run_in_its_own_process(keeper, flee
     tag = f"sleep 8{os.getpid() % 1000}"
     proc = _client(fleet, tmp_path, "run", "-H", "ws1", "--", "sh", "-c", tag)
     try:
-        assert _wait_for(lambda: _remote_sleepers(fleet, tag), 30)
+        assert wait_until(lambda: _remote_sleepers(fleet, tag), 30)
         started = time.monotonic()
         other = port_of(keeper(*PORT))
         assert other != first  # its own connection, not queued behind the sleeper
@@ -195,5 +186,5 @@ def test_an_idle_keeper_closes_its_connections_and_exits(keeper, fleet, monkeypa
     def standbys():  # the idle sessions a kept connection holds on the host
         return subprocess.run(["docker", "exec", fleet.container("ws1"), "pgrep", "-u", "dev",
                                "-f", "fabfleet_n=;"], capture_output=True, text=True).stdout
-    assert _wait_for(lambda: not list(keeper.dir.glob("*.sock")), 15)
-    assert _wait_for(lambda: not standbys().strip(), 15), standbys()
+    assert wait_until(lambda: not list(keeper.dir.glob("*.sock")), 15)
+    assert wait_until(lambda: not standbys().strip(), 15), standbys()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import payload_funcs as pf
 import pytest
+from conftest import wait_until
 
 import fabfleet
 from fabfleet import (ConnectError, DeadlineError, RemoteError, remote,
@@ -39,15 +40,6 @@ def workers_on(inv, name: str) -> int:
     # "[f]" keeps the pattern from matching the shell that runs pgrep itself
     out = remote_sh(inv, name, "pgrep -f '[f]abfleet-worker' -u dev | wc -l")
     return int(out.strip())
-
-
-def wait_until(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return check()
 
 
 @contextlib.contextmanager

@@ -204,15 +204,10 @@ def _converse(sock, argv):
             pass
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
-    while True:
-        try:
-            reply, _ = recv_frame(sock)
-            break
-        except InterruptedError:
-            continue
-        except OSError:
-            reply = None
-            break
+    try:
+        reply, _ = recv_frame(sock)  # a signal's handler above runs; the read goes on
+    except OSError:
+        reply = None
     if reply is None:
         sys.stderr.write("fabfleet: the connection keeper stopped in the middle of the "
                          "command (its log: %s); run it again, or with %s=0 to run it "

@@ -161,19 +161,16 @@ def run_many(hosts: Sequence[Host], script: str | os.PathLike[str] | None = None
                             qsub=qsub)
                 if detach:
                     return start_job(c, script, args, **what)
-                result = None
-                if together:
+                what.update(on_stdout=sink("stdout"), on_stderr=sink("stderr"),
+                            cancelled=cancel)
+                if together:  # never a gang: nothing to stop if it fails
                     try:
-                        result = run_script(c, script, args, on_stdout=sink("stdout"),
-                                            on_stderr=sink("stderr"), cancelled=cancel,
-                                            expect=expectation(to_push, identity,
-                                                               remote_project), **what)
+                        return run_script(c, script, args, expect=expectation(
+                            to_push, identity, remote_project), **what)
                     except ProjectStale as stale:  # nothing ran: push, then run
                         push(c, root, remote_project, files=to_push, identity=identity,
                              state=parse_state(c, remote_project, *stale.listing))
-                if result is None:
-                    result = run_script(c, script, args, on_stdout=sink("stdout"),
-                                        on_stderr=sink("stderr"), cancelled=cancel, **what)
+                result = run_script(c, script, args, **what)
                 if not result.ok and not failed.is_set():
                     fail_gang(host)
                 return result
