@@ -137,13 +137,16 @@ class ExecResult:
 def execute(c, command: str | Remote, *, timeout: float | None = 600,
             on_stdout: Sink | None = None, on_stderr: Sink | None = None, keep: bool = True,
             pty: bool = False, action: str | None = None,
-            heartbeat: float | None = None) -> ExecResult:
+            heartbeat: float | None = None, on_start: Callable[[object], None] | None = None
+            ) -> ExecResult:
     """Run ``command`` on connection ``c`` and wait for its exit code.
 
     A :class:`~fabfleet.ssh.shell.Remote` gets its ``stdin`` sent, then end-of-file —
     unless ``heartbeat``: then stdin stays open and one byte goes every ``heartbeat``
     seconds, so the host side can tell that we are still there (the runner stops an
-    attached run whose client went away).
+    attached run whose client went away) — or unless ``on_start``: it gets the channel
+    once the command and its stdin are sent, to talk to the command (``send``) and end
+    its stdin (``shutdown_write``) itself, say from ``on_stdout``.
 
     ``on_stdout``/``on_stderr`` receive raw bytes as they arrive; with ``keep`` the text
     is also collected into the result. ``timeout`` bounds the whole command: past it the
@@ -169,7 +172,9 @@ def execute(c, command: str | Remote, *, timeout: float | None = 600,
         try:
             if remote.stdin:
                 send_all(chan, remote.stdin)
-            if heartbeat is None:
+            if on_start is not None:
+                on_start(chan)
+            elif heartbeat is None:
                 chan.shutdown_write()
             beat = time.monotonic() + (heartbeat or 0)
             streams = ((chan.recv_ready, chan.recv, out, on_stdout),
