@@ -14,6 +14,7 @@ from fabfleet import TransferError
 from fabfleet.host.files import local_files
 from fabfleet.host.gather import gather
 from fabfleet.host.push import push
+from fabfleet.ssh.exec import execute
 
 pytestmark = pytest.mark.usefixtures("fresh_workers")
 
@@ -140,3 +141,102 @@ def test_git_excludes_and_inventory_keys_never_travel(fleet, tmp_path, monkeypat
     assert "./train.py" in there and "./inventory.yaml" in there
     for never in ("./notes-local.txt", "./.env", "./server.pem", "./sub/.env", "./id_lab"):
         assert never not in there, there
+
+
+# -- gather: one remote command --------------------------------------------------------
+def _counting_sessions(c, monkeypatch) -> list[int]:
+    """Count the sessions opened on connection ``c`` (each remote command opens one)."""
+    c.open()
+    transport = c.client.get_transport()
+    opened, real = [], transport.open_session
+    monkeypatch.setattr(transport, "open_session",
+                        lambda *a, **kw: opened.append(1) or real(*a, **kw))
+    return opened
+
+
+def test_gather_lists_hashes_and_sends_in_one_remote_command(fleet, tmp_path, monkeypatch):
+    """The local copies go with the command: an identical one costs only its hash, one
+    that differs is kept (or, with overwrite, replaced), a new file comes whole."""
+    sh(fleet, "ws1", "rm -rf ~/fabfleet/g1 && mkdir -p ~/fabfleet/g1/results/deep && "
+       "cd ~/fabfleet/g1/results && echo new > new.csv && echo same > same.csv && "
+       "echo remote-longer > longer.csv && echo abc > samesize.csv && "
+       "echo deep > deep/d.csv && echo no > skip.txt")
+    dest = tmp_path / "gathered"
+    write(dest / "results" / "same.csv", "same\n")
+    write(dest / "results" / "longer.csv", "short\n")
+    write(dest / "results" / "samesize.csv", "xyz\n")
+    with fleet.inventory().connect("ws1") as c:
+        opened = _counting_sessions(c, monkeypatch)
+        got = {g.remote: g.status for g in gather(c, "~/fabfleet/g1", ["results/**"], dest)}
+        assert len(opened) == 1, "listing, hashes and bytes should be one remote command"
+        assert got == {"results/new.csv": "copied", "results/same.csv": "unchanged",
+                       "results/longer.csv": "conflict", "results/samesize.csv": "conflict",
+                       "results/deep/d.csv": "copied", "results/skip.txt": "copied"}
+        assert (dest / "results" / "longer.csv").read_text() == "short\n"  # kept
+        assert (dest / "results" / "deep" / "d.csv").read_text() == "deep\n"
+        opened.clear()
+        got = {g.remote: g.status for g in gather(c, "~/fabfleet/g1", ["results/*.csv"], dest,
+                                                  overwrite=True)}
+        # a copy of the same size but other content is told apart by its hash, then fetched
+        assert len(opened) == 2
+    assert got["results/longer.csv"] == got["results/samesize.csv"] == "copied"
+    assert got["results/same.csv"] == got["results/new.csv"] == "unchanged"
+    assert (dest / "results" / "longer.csv").read_text() == "remote-longer\n"
+    assert (dest / "results" / "samesize.csv").read_text() == "abc\n"
+    assert not list(dest.rglob("*fabfleet-part*"))
+
+
+def test_a_big_gather_streams_its_bytes_through_openssh(fleet, tmp_path, monkeypatch):
+    """Past the bulk threshold the host asks; the bytes then come through the laptop's
+    `ssh` (same key checks), verified the same way, and the hashes of the copies this
+    side already has still come over the first command."""
+    import fabfleet.host.gather as g
+    monkeypatch.setattr(g, "BULK", 1000)
+    monkeypatch.setattr(g, "OPENSSH_GAIN", 0)
+    through = []
+    real = g._stream_openssh
+    monkeypatch.setattr(g, "_stream_openssh",
+                        lambda *a, **kw: through.append(1) or real(*a, **kw))
+    sh(fleet, "ws2", "rm -rf ~/fabfleet/g2 && mkdir -p ~/fabfleet/g2/out && cd ~/fabfleet/g2/out "
+       "&& head -c 3000000 /dev/urandom > a.bin && head -c 2000 /dev/urandom > b.bin && "
+       "echo kept > kept.bin")
+    remote_sums = sh(fleet, "ws2", "cd ~/fabfleet/g2/out && sha256sum a.bin b.bin kept.bin")
+    dest = tmp_path / "gathered"
+    write(dest / "out" / "kept.bin", "kept\n")
+    with fleet.inventory().connect("ws2") as c:
+        got = {g_.remote: g_.status for g_ in gather(c, "~/fabfleet/g2", ["out/*"], dest)}
+    assert through == [1]
+    assert got == {"out/a.bin": "copied", "out/b.bin": "copied", "out/kept.bin": "unchanged"}
+    local_sums = subprocess.run(["sha256sum", "a.bin", "b.bin", "kept.bin"], cwd=dest / "out",
+                                capture_output=True, text=True, check=True).stdout
+    assert local_sums.split() == remote_sums.split()
+
+
+def test_a_host_without_python_is_gathered_with_its_shell_tools(fleet, tmp_path):
+    sh(fleet, "nopy", "rm -rf ~/fabfleet/g3 && mkdir -p ~/fabfleet/g3/r && "
+       "echo one > ~/fabfleet/g3/r/1.txt && echo two > ~/fabfleet/g3/r/2.txt")
+    write(tmp_path / "gathered" / "r" / "2.txt", "two\n")
+    with fleet.inventory().connect("nopy") as c:
+        got = {g.remote: g.status for g in gather(c, "~/fabfleet/g3", ["r/*"],
+                                                  tmp_path / "gathered")}
+    assert got == {"r/1.txt": "copied", "r/2.txt": "unchanged"}
+    assert (tmp_path / "gathered" / "r" / "1.txt").read_text() == "one\n"
+
+
+def test_a_file_that_changes_size_while_gathered_is_not_put_in_place(fleet, tmp_path):
+    """A file still being written (its size moves between listing and reading) fails the
+    gather with a clear reason; nothing half-written is left under its name."""
+    sh(fleet, "ws1", "rm -rf ~/fabfleet/g4 && mkdir -p ~/fabfleet/g4 && "
+       "head -c 40000000 /dev/zero > ~/fabfleet/g4/growing.log")
+    with fleet.inventory().connect("ws1") as c:
+        c.open()  # appends to the file for two seconds while it is gathered
+        chan = c.client.get_transport().open_session()
+        chan.exec_command("for i in $(seq 200); do head -c 100000 /dev/zero >> "
+                          "~/fabfleet/g4/growing.log; sleep 0.01; done")
+        with pytest.raises(TransferError) as info:
+            for _ in range(20):
+                gather(c, "~/fabfleet/g4", ["*.log"], tmp_path / "g", overwrite=True)
+        chan.recv_exit_status()
+        execute(c, "rm -rf ~/fabfleet/g4")
+    assert "changing" in str(info.value) and info.value.host == "ws1"
+    assert not list((tmp_path / "g").glob("*fabfleet-part*"))

@@ -31,9 +31,11 @@ import fnmatch
 import hashlib
 import json
 import os
+import queue
 import stat
 import struct
 import sys
+import threading
 
 ISOLATED = True  # standard library only, nothing of the user's imported
 HEADER = struct.Struct(">cQ")
@@ -105,6 +107,34 @@ def digest(path):
     return h.hexdigest()
 
 
+class Hasher(object):
+    """SHA-256 of the blocks given to it, computed in a thread of its own (hashlib lets go
+    of the GIL), so hashing a file overlaps sending it, as ``sha256sum`` beside ``cat``
+    would."""
+
+    def __init__(self):
+        self.blocks = queue.Queue(16)
+        self.h = hashlib.sha256()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            block = self.blocks.get()
+            if block is None:
+                return
+            self.h.update(block)
+
+    def update(self, block):
+        self.blocks.put(block)
+
+    def hexdigest(self):
+        self.blocks.put(None)
+        self.thread.join()
+        return self.h.hexdigest()
+
+
 def stream(path, size):
     """Send one file's bytes and its end; an error opening it is an ``X`` frame."""
     try:
@@ -112,7 +142,7 @@ def stream(path, size):
     except OSError as exc:
         send(b"X", b"denied" if exc.errno in (1, 13) else b"gone")
         return
-    h, total = hashlib.sha256(), 0
+    h, total = (Hasher() if size >= 4 * BLOCK else hashlib.sha256()), 0
     try:
         while True:
             block = os.read(fd, BLOCK)
