@@ -339,11 +339,16 @@ def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
     # Every rename counts (not only the last); whatever is left under a temporary name
     # after a failure is removed.
     pattern = shell.q(tag + "*")
-    rename = shell.q(f's=0; for f do b=${{f##*/}}; mv -fT -- "$f" "${{f%/*}}/${{b#{tag}}}" '
-                     '|| s=1; done; exit $s')
+    # One process renames them all where the host has Python (1000 files: 20 ms, where
+    # one `mv` each takes 1.5 s); else one `mv -T` per file.
+    moves = shell.q(f's=0; for f do b=${{f##*/}}; mv -fT -- "$f" "${{f%/*}}/${{b#{tag}}}" '
+                    '|| s=1; done; exit $s')
+    rename = (f"if command -v python3 >/dev/null 2>&1; then find . -name {pattern} -print0 | "
+              f"python3 -I -S -c {shell.q(_RENAME)} {shell.q(tag)}; else find . -name "
+              f"{pattern} -exec sh -c {moves} sh {{}} +; fi")
     remove = f"find . -name {pattern} -exec rm -f -- {{}} +"
-    cleanup = (f"cd -- {d} && {{ find . -name {pattern} -exec sh -c {rename} sh {{}} + "
-               f"|| {{ {remove}; exit 1; }}; }}" if code == 0 else f"cd -- {d} && {remove}")
+    cleanup = (f"cd -- {d} && {{ {rename} || {{ {remove}; exit 1; }}; }}" if code == 0
+               else f"cd -- {d} && {remove}")
     done = execute(c, shell.sh(cleanup), timeout=TREE_COMMAND, action="put pushed files in place")
     if code != 0 or done.exit_code != 0:
         message = (err.decode("utf-8", "replace") or done.stderr).strip()[-800:]
@@ -354,6 +359,22 @@ def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
     if on_progress:
         on_progress(total, total)
     return PushResult(host, "tar", len(files), total, len(files), remote_dir)
+
+
+#: Renames NUL-separated paths from stdin, dropping the tag (argv[1]) from each base name;
+#: like `mv -fT` (a link is renamed, not followed; a directory in the way is an error).
+_RENAME = """import os, sys
+tag, bad = os.fsencode(sys.argv[1]), 0
+for path in sys.stdin.buffer.read().split(b"\\0"):
+    if path:
+        head, base = os.path.split(path)
+        try:
+            os.replace(path, os.path.join(head, base[len(tag):]))
+        except OSError as exc:
+            bad = 1
+            sys.stderr.write("mv: %s: %s\\n" % (os.fsdecode(path), exc.strerror))
+sys.exit(bad)
+"""
 
 
 class _ChannelWriter:
