@@ -52,6 +52,9 @@ def ssh_config_file() -> SSHConfig:
     return SSHConfig.from_path(path) if os.path.exists(path) else SSHConfig()
 
 
+_class_names: dict[type, frozenset[str]] = {}
+
+
 class FleetConnection(fabric.Connection):
     """A Fabric connection that verifies host keys, sets TCP_NODELAY, and names its host.
 
@@ -64,6 +67,7 @@ class FleetConnection(fabric.Connection):
     # attributes of a Connection in its config, which copies them.
     fleet_host: Host = None  # type: ignore[assignment]
     route: tuple[str, ...] = ()
+    key_files: list[str] = []  # the inventory's key_file (loaded once: see _private_key)
     known_hosts_files: list[str] = []
     _fabfleet_gateway_key: tuple | None = None
     handshakes: threading.BoundedSemaphore | None = None
@@ -72,6 +76,21 @@ class FleetConnection(fabric.Connection):
     #: in the connection keeper: what a kept connection must match to be used for this
     #: one (see :mod:`fabfleet.ssh.keep`); None: never kept (bastions, other processes)
     _fabfleet_keep_key: tuple | None = None
+    #: Fabric's own: its __init__ sets it, which without a declaration becomes a config
+    #: write (~1 ms); the value read back is the same either way
+    inline_ssh_env: bool | None = None
+
+    def __setattr__(self, key: str, value) -> None:
+        # Invoke's DataProxy decides between a real attribute and a config key with
+        # `key in dir(self)` on every set (~0.1 ms; a connection's __init__ sets a dozen):
+        # the same decision, from the class's names (cached) and the instance's dict.
+        real = _class_names.get(type(self))
+        if real is None:
+            real = _class_names[type(self)] = frozenset(dir(type(self)))
+        if key in real or key in self.__dict__:
+            object.__setattr__(self, key, value)
+        else:
+            super().__setattr__(key, value)
 
     def open(self):  # noqa: D102 - fabric API
         if self.is_connected:
@@ -193,6 +212,34 @@ class _SerialChannel:
         return getattr(self._chan, name)
 
 
+_keys: dict[tuple, paramiko.PKey] = {}
+_keys_lock = threading.Lock()
+
+
+def _private_key(path: str) -> paramiko.PKey | None:
+    """The unencrypted private key in ``path``, read once per process (again when the
+    file changes): a fan-out over 256 hosts with one key file parses it once, not per
+    host. ``None`` — paramiko then reads the file itself, as before — for a key with a
+    passphrase or a certificate beside it (``PATH-cert.pub``), or one it cannot read."""
+    try:
+        st = os.stat(path)
+        if os.path.exists(path + "-cert.pub"):
+            return None
+    except OSError:
+        return None
+    stamp = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _keys_lock:
+        found = _keys.get(stamp)
+    if found is None:
+        try:
+            found = paramiko.PKey.from_path(path)
+        except (paramiko.SSHException, OSError, ValueError, TypeError):
+            return None
+        with _keys_lock:
+            _keys[stamp] = found
+    return found
+
+
 _gateways: dict[str, FleetConnection] = {}
 _gateways_lock = threading.RLock()  # a bastion's own bastion is opened under it
 
@@ -288,7 +335,11 @@ def connect(host: Host) -> FleetConnection:
     connect_kwargs = {"banner_timeout": limits.handshake, "auth_timeout": limits.handshake,
                       "channel_timeout": limits.handshake}
     if key_file:
-        connect_kwargs["key_filename"] = [key_file]
+        loaded = _private_key(key_file)
+        if loaded is not None:
+            connect_kwargs["pkey"] = loaded
+        else:
+            connect_kwargs["key_filename"] = [key_file]
     conn = FleetConnection(
         host.address,
         user=pick("user", "user"),
@@ -299,6 +350,7 @@ def connect(host: Host) -> FleetConnection:
         gateway=gateway,
     )
     conn.fleet_host = host
+    conn.key_files = [key_file] if key_file else []
     conn._fabfleet_opening = threading.Lock()
     conn.route = tuple(h.name for h in hops)
     files, record_to = known_hosts_files(host, conn.ssh_config)
@@ -312,7 +364,7 @@ def connect(host: Host) -> FleetConnection:
         conn._fabfleet_keep_key = (
             repr(host), conn.host, conn.port, conn.user, conn.route,
             gateway._fabfleet_gateway_key if gateway else None,
-            keep.stamp([*files, *(conn.connect_kwargs.get("key_filename") or []),
+            keep.stamp([*files, *conn.key_files,
                         os.environ.get(SSH_CONFIG_ENV, "~/.ssh/config")]))
     return conn
 
@@ -371,7 +423,7 @@ def ssh_command_for(c) -> list[str]:
     ssh_config = os.environ.get(SSH_CONFIG_ENV)
     if ssh_config:
         argv += ["-F", os.path.expanduser(ssh_config)]
-    for key in c.connect_kwargs.get("key_filename") or []:
+    for key in getattr(c, "key_files", None) or c.connect_kwargs.get("key_filename") or []:
         argv += ["-i", key]
     if c.user:
         argv += ["-l", c.user]
