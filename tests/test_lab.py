@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import user_cli, write
+from conftest import sh, user_cli, write
 
 import testbed
 from fabfleet import Inventory, check_hosts, run_payload
@@ -154,7 +154,7 @@ def test_changed_or_unknown_bastion_key_is_refused_on_every_path(fleet, lab, tmp
                          env={"FABFLEET_SSH_CONFIG": str(fleet.lab_ssh_config)})
             out = r.stdout + r.stderr
             assert r.returncode != 0 and "inner: through bastion bastion:" in out, out
-            assert words in out and "ran" not in r.stdout, out
+            assert words in out and "ran\n" not in r.stdout.splitlines(keepends=True), out
 
 
 def test_push_and_run_through_the_bastion(fleet, lab, tmp_path):
@@ -339,12 +339,14 @@ def test_key_flows_at_50ms_round_trip(fleet, tmp_path):
                 assert run_payload(c, abs, -2) == 2
             warm_trips = (time.monotonic() - t) / 5 / rtt
         proj = tmp_path / "labproj3"
+        sh(fleet, "ws1", "rm -rf ~/fabfleet/labproj3")  # a kept testbed's earlier copy
         write(proj / "pyproject.toml", "")
         for i in range(20):
             write(proj / f"mod{i}.py", f"X = {i}\n")
         write(proj / "main.py", "import mod3\nprint(mod3.X)\n")
-        assert user_cli(fleet.bin, "run-remote", "-H", "far", "main.py", inventory=inv_path,
-                        cwd=proj).stdout == "3\n"
+        r = user_cli(fleet.bin, "run-remote", "-H", "far", "main.py", inventory=inv_path,
+                     cwd=proj)
+        assert r.stdout == "3\n", r.stdout + r.stderr
         t = time.monotonic()
         r = user_cli(fleet.bin, "run-remote", "-H", "far", "main.py", inventory=inv_path,
                      cwd=proj)
