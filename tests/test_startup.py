@@ -63,3 +63,13 @@ def test_a_failing_help_is_not_cached(user_install, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     r = user_cli(user_install, "no-such-task", "--help", cwd=tmp_path, env=env)
     assert r.returncode != 0 and not cache_files(tmp_path)
+
+
+def test_version_comes_from_the_cache_and_names_the_installed_version(user_install, tmp_path):
+    import fabfleet
+    first = listing(user_install, tmp_path, tmp_path, "--version")
+    assert first == f"fabfleet {fabfleet.__version__}\n"
+    assert len(cache_files(tmp_path)) == 1
+    assert listing(user_install, tmp_path, tmp_path, "-V") == first
+    assert listing(user_install, tmp_path, tmp_path, "--version") == first
+    assert len(cache_files(tmp_path)) == 2  # one per spelling

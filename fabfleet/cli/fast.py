@@ -1,4 +1,5 @@
-"""The ``fabfleet`` command's front door: ``--list`` and ``TASK --help`` without Invoke,
+"""The ``fabfleet`` command's front door: ``--list``, ``--version`` and ``TASK --help``
+without Invoke,
 other tasks through the connection keeper (:mod:`.keeper`) when there is one.
 
 Importing Invoke (and, through it, ``unittest.mock`` and asyncio) costs more than a
@@ -20,7 +21,7 @@ _SOURCES = ("tasks.py", "options.py", "program.py")
 
 
 def _cacheable(args):
-    if args in (["--list"], ["-l"], ["--help"], ["-h"]):
+    if args in (["--list"], ["-l"], ["--help"], ["-h"], ["--version"], ["-V"]):
         return True
     return len(args) == 2 and args[1] in _HELP and not args[0].startswith("-")
 
