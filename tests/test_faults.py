@@ -82,7 +82,7 @@ def test_frozen_host_mid_run_is_bounded_named_and_others_finish(fleet, tmp_path)
     assert elapsed < FROZEN_BOUND + 15
 
 
-@pytest.mark.parametrize("method", ["sftp", "rsync"])
+@pytest.mark.parametrize("method", ["sftp", "rsync", "tar"])  # tar: through OpenSSH (150 MB)
 def test_frozen_host_mid_push_is_bounded(fleet, tmp_path, method):
     tree = tmp_path / "big"
     tree.mkdir()
@@ -242,6 +242,10 @@ def test_full_remote_disk_never_blocks_the_script(fleet, tiny_host, tmp_path):
     r = fleet.cli("push", "-H", "tiny", "--method", "sftp", inventory=tiny_host, cwd=big)
     assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
     assert "tiny:" in r.stdout
+    # the same through the tar stream (8 MB: it goes through OpenSSH): named, nothing in place
+    r = fleet.cli("push", "-H", "tiny", "--method", "tar", inventory=tiny_host, cwd=big)
+    assert r.returncode == 1 and "Traceback" not in r.stdout + r.stderr
+    assert "tiny:" in r.stdout and "disk is full" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 # -- transfers: atomic and contained -----------------------------------------------------

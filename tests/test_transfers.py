@@ -4,6 +4,7 @@ git's own ignore rules, and SSH keys kept next to the inventory."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -240,3 +241,25 @@ def test_a_file_that_changes_size_while_gathered_is_not_put_in_place(fleet, tmp_
         execute(c, "rm -rf ~/fabfleet/g4")
     assert "changing" in str(info.value) and info.value.host == "ws1"
     assert not list((tmp_path / "g").glob("*fabfleet-part*"))
+
+
+def test_a_big_tar_push_goes_through_openssh_and_lands_whole(fleet, tmp_path, monkeypatch):
+    import fabfleet.host.push as p
+    through = []
+    real = p._tar_through_openssh
+    monkeypatch.setattr(p, "_tar_through_openssh",
+                        lambda *a, **kw: through.append(1) or real(*a, **kw))
+    tree = tmp_path / "bigtree"
+    write(tree / "small.txt", "s\n")
+    (tree / "data").mkdir()
+    (tree / "data" / "blob.bin").write_bytes(os.urandom(6 << 20))
+    (tree / "link").symlink_to("small.txt")
+    sh(fleet, "ws2", "rm -rf ~/fabfleet/bigtar")
+    with fleet.inventory().connect("ws2") as c:
+        result = push(c, tree, "~/fabfleet/bigtar", method="tar")
+    assert through == [1] and result.method == "tar" and result.files_sent == 3
+    got = sh(fleet, "ws2", "cd ~/fabfleet/bigtar && sha256sum data/blob.bin small.txt && "
+             "readlink link && find . -name '.fabfleet-tmp*' | wc -l")
+    want = subprocess.run(["sha256sum", "data/blob.bin", "small.txt"], cwd=tree,
+                          capture_output=True, text=True, check=True).stdout
+    assert got.split() == want.split() + ["small.txt", "0"]
