@@ -4,11 +4,13 @@
   last push: the incremental sync is one round trip) vs `scp train.py` + `ssh python3
   train.py` (bar: 1.5); the same for a script outside any project (travels alone);
 * push of a 1,000-file tree, first and unchanged, vs plain `rsync -a` over ssh with
-  the same key and known_hosts checks.
+  the same key and known_hosts checks; a first push of 200 MB (20 x 10 MB) by rsync
+  (ws1) and by the tar stream (ws2, no rsync there) vs the same rsync.
 
     .venv/bin/python bench/bench_runs.py
 """
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -69,17 +71,37 @@ if __name__ == "__main__":
     def wipe():
         subprocess.run(ssh_argv("ws1") + ["rm -rf bench-ours bench-rsync"], check=True)
 
-    for host in ("ws1", "ws2"):  # ws2 has no rsync: fabfleet goes over SFTP there
+    for host in ("ws1", "ws2"):  # ws2 has no rsync: fabfleet sends a tar stream there
         with connect(inv[host]) as hc:
             def first_ours(hc=hc):
                 subprocess.run(ssh_argv(host) + ["rm -rf bench-ours"], check=True)
                 push(hc, tree, "~/bench-ours")
-            compare(f"push 1000 files, first ({host}, {'sftp' if host == 'ws2' else 'rsync'})",
+            compare(f"push 1000 files, first ({host}, {'tar' if host == 'ws2' else 'rsync'})",
                     first_ours,
                     lambda: (wipe(), plain_rsync("bench-rsync")), rounds=5)
             compare(f"push 1000 files, unchanged ({host})",
                     lambda hc=hc: push(hc, tree, "~/bench-ours"),
                     lambda: plain_rsync("bench-rsync"), rounds=5)
+    # a first push of 200 MB (20 files of 10 MB) vs rsync: ws1 by rsync, ws2 (no rsync) by
+    # the tar stream, through OpenSSH
+    bulk = work / "bulk"
+    bulk.mkdir()
+    for i in range(20):
+        (bulk / f"part{i}.bin").write_bytes(os.urandom(10 << 20))
+
+    def rsync_bulk():
+        subprocess.run(ssh_argv("ws1") + ["rm -rf bench-rsync-bulk"], check=True)
+        subprocess.run(["rsync", "-a", "-e", rsync_ssh, f"{bulk}/",
+                        "dev@127.0.0.1:bench-rsync-bulk"], check=True, stdout=subprocess.DEVNULL)
+    for host in ("ws1", "ws2"):
+        with connect(inv[host]) as hc:
+            def first_bulk(hc=hc, host=host):
+                subprocess.run(ssh_argv(host) + ["rm -rf bench-ours-bulk"], check=True)
+                push(hc, bulk, "~/bench-ours-bulk")
+            compare(f"push 200 MB, first ({host}, {'tar' if host == 'ws2' else 'rsync'}) vs rsync",
+                    first_bulk, rsync_bulk, rounds=5)
+            subprocess.run(ssh_argv(host) + ["rm -rf bench-ours-bulk bench-rsync-bulk"],
+                           check=True)
     # the same unchanged push from the command line (the project is the 1000-file tree)
     git_project(tree, "https://example.org/bench/runs-tree.git")
     (tree / "pyproject.toml").write_text("")
