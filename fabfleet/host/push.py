@@ -27,8 +27,10 @@ from ..config.deadlines import TREE_COMMAND, deadlines
 from ..errors import LocalError, TransferError, host_errors
 from ..ssh import shell
 from ..ssh.connect import sftp_client, sftp_makedirs, ssh_command_for
+from ..hostside import renamer
 from ..hostside.runner import MARKER
 from ..ssh.exec import execute, send_all, start_command
+from ..ssh.launch import source
 from ..ssh.shell import Remote
 from ..ssh.liveness import watched
 from .files import (FIND_LISTING, LocalFile, Progress, local_files, parse_find_listing,
@@ -333,7 +335,7 @@ def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
     moves = shell.q(f's=0; for f do b=${{f##*/}}; mv -fT -- "$f" "${{f%/*}}/${{b#{tag}}}" '
                     '|| s=1; done; exit $s')
     rename = (f"if command -v python3 >/dev/null 2>&1; then find . -name {pattern} -print0 | "
-              f"python3 -I -S -c {shell.q(_RENAME)} {shell.q(tag)}; else find . -name "
+              f"python3 -I -S -c {shell.q(source(renamer))} {shell.q(tag)}; else find . -name "
               f"{pattern} -exec sh -c {moves} sh {{}} +; fi")
     remove = f"find . -name {pattern} -exec rm -f -- {{}} +"
     cleanup = (f"cd -- {d} && {{ {rename} || {{ {remove}; exit 1; }}; }}" if code == 0
@@ -348,22 +350,6 @@ def _push_tar(c, local: Path, remote_dir: str, files: list[LocalFile],
     if on_progress:
         on_progress(total, total)
     return PushResult(host, "tar", len(files), total, len(files), remote_dir)
-
-
-#: Renames NUL-separated paths from stdin, dropping the tag (argv[1]) from each base name;
-#: like `mv -fT` (a link is renamed, not followed; a directory in the way is an error).
-_RENAME = """import os, sys
-tag, bad = os.fsencode(sys.argv[1]), 0
-for path in sys.stdin.buffer.read().split(b"\\0"):
-    if path:
-        head, base = os.path.split(path)
-        try:
-            os.replace(path, os.path.join(head, base[len(tag):]))
-        except OSError as exc:
-            bad = 1
-            sys.stderr.write("mv: %s: %s\\n" % (os.fsdecode(path), exc.strerror))
-sys.exit(bad)
-"""
 
 
 #: Pushes of at least this many bytes (to a host without rsync) stream the tar through
