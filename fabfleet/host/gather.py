@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import secrets
 import shutil
 import stat
@@ -269,7 +270,7 @@ class _Gathering:
             else:
                 part = local.with_name(f".{local.name}.fabfleet-part-{self.tag}")
                 self.parts.append(part)
-                self.writer = _HashingWriter(part)
+                self.writer = _HashingWriter(part, background=self.files[self.i][1] >= BULK)
 
     def _file_end(self, kind: bytes, data: bytes) -> None:
         if self.i >= len(self.files):
@@ -538,24 +539,52 @@ def contained(root: Path, rel: str) -> Path | None:
 
 class _HashingWriter:
     """The local file a gathered copy is written to, hashed as it is written; a local
-    write problem is a LocalError naming the path (not a connection error)."""
+    write problem is a LocalError naming the path (not a connection error). With
+    ``background`` (a big file) the writes and the hashing happen in a thread of their
+    own (both let go of the GIL), overlapping the reading of the stream."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, background: bool = False) -> None:
         self.path = path
         self.hash = hashlib.sha256()
         self.size = 0
+        self.error: LocalError | None = None
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             self.f = os.fdopen(fd, "wb")
         except OSError as exc:
             raise LocalError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        self.blocks: queue.Queue | None = None
+        if background:
+            self.blocks = queue.Queue(32)
+            self.thread = threading.Thread(target=self._drain, daemon=True,
+                                           name="fabfleet-gather-write")
+            self.thread.start()
 
-    def write(self, data: bytes) -> int:
+    def _drain(self) -> None:
+        while True:
+            block = self.blocks.get()
+            if block is None:
+                return
+            if self.error is None:
+                try:
+                    self._put(block)
+                except LocalError as exc:
+                    self.error = exc
+
+    def _put(self, data) -> None:
         try:
             self.f.write(data)
         except OSError as exc:
             raise LocalError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
         self.hash.update(data)
+
+    def write(self, data) -> int:
+        if self.error is not None:
+            raise self.error
+        if self.blocks is not None:
+            self.blocks.put(data)
+        else:
+            self._put(data)
         self.size += len(data)
         return len(data)
 
@@ -566,12 +595,18 @@ class _HashingWriter:
         return self
 
     def close(self) -> None:
+        if self.blocks is not None:
+            self.blocks.put(None)
+            self.thread.join()
+            self.blocks = None
         if self.f.closed:
             return
         try:
             self.f.close()
         except OSError as err:
             raise LocalError(f"{self.path}: cannot write: {err.strerror or err}") from None
+        if self.error is not None:
+            raise self.error
 
     def __exit__(self, *exc) -> None:
         self.close()
