@@ -26,6 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl  # pipe sizes (Linux); elsewhere the default pipes
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 from ..config.deadlines import TREE_COMMAND
 from ..errors import LocalError, TransferError, host_errors
 from ..hostside import gatherer
@@ -492,6 +497,8 @@ def _stream_openssh(c, cmd: str, sink, stdin: bytes = b"") -> tuple[int, str]:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as exc:
         return 255, f"cannot run ssh: {exc}"
+    with contextlib.suppress(OSError, AttributeError):  # 1 MiB reads, not the pipe's 64 KiB
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
     errors = bytearray()
     drain = threading.Thread(target=lambda: errors.extend(proc.stderr.read()), daemon=True)
     drain.start()

@@ -23,6 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+try:
+    import fcntl  # pipe sizes (Linux); elsewhere the default pipes
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
 from ..config.deadlines import TREE_COMMAND, deadlines
 from ..errors import LocalError, TransferError, host_errors
 from ..ssh import shell
@@ -386,6 +391,8 @@ def _tar_through_openssh(c, extract: str, write_tar, progress) -> tuple[int, byt
                                 stderr=subprocess.PIPE)
     except OSError:  # no usable ssh after all: the connection we have
         return _tar_over_channel(c, extract, write_tar, progress)
+    with contextlib.suppress(OSError, AttributeError):  # 1 MiB writes, not the pipe's 64 KiB
+        fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
     err = bytearray()
     drain = threading.Thread(target=lambda: err.extend(proc.stderr.read()), daemon=True)
     drain.start()
