@@ -26,17 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import fcntl  # pipe sizes (Linux); elsewhere the default pipes
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None
 
 from ..config.deadlines import TREE_COMMAND
 from ..errors import LocalError, TransferError, host_errors
 from ..hostside import gatherer
 from ..hostside.gatherer import HEADER, glob_match
 from ..ssh import shell
-from ..ssh.connect import ssh_command_for
+from ..ssh.connect import start_openssh
 from ..ssh.exec import execute
 from ..ssh.launch import python_command
 from ..ssh.liveness import watched
@@ -491,17 +487,12 @@ def _stream_openssh(c, cmd: str, sink, stdin: bytes = b"") -> tuple[int, str]:
     to ``sink``: OpenSSH's C packet loop moves bulk bytes several times faster than
     Paramiko's; ``stdin`` is written to the command's stdin (then end-of-file).
     ``(exit code, stderr)``; 255 is OpenSSH's own failure."""
-    argv = ssh_command_for(c) + ["--", f"[{c.host}]" if ":" in c.host else c.host, cmd]
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc, errors, drain = start_openssh(
+            c, cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE)
     except OSError as exc:
         return 255, f"cannot run ssh: {exc}"
-    with contextlib.suppress(OSError, AttributeError):  # 1 MiB reads, not the pipe's 64 KiB
-        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-    errors = bytearray()
-    drain = threading.Thread(target=lambda: errors.extend(proc.stderr.read()), daemon=True)
-    drain.start()
     if stdin:
         def feed() -> None:
             with contextlib.suppress(OSError):

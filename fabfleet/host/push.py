@@ -23,15 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import fcntl  # pipe sizes (Linux); elsewhere the default pipes
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None
 
 from ..config.deadlines import TREE_COMMAND, deadlines
 from ..errors import LocalError, TransferError, host_errors
 from ..ssh import shell
-from ..ssh.connect import sftp_client, sftp_makedirs, ssh_command_for
+from ..ssh.connect import sftp_client, sftp_makedirs, ssh_command_for, start_openssh
 from ..hostside import renamer
 from ..hostside.runner import MARKER
 from ..ssh.exec import execute, send_all, start_command
@@ -385,17 +381,11 @@ def _tar_over_channel(c, extract: str, write_tar, progress) -> tuple[int, bytear
 
 def _tar_through_openssh(c, extract: str, write_tar, progress) -> tuple[int, bytearray]:
     """The tar stream into ``extract`` run by the local ``ssh`` (see :data:`BULK`)."""
-    argv = ssh_command_for(c) + ["--", f"[{c.host}]" if ":" in c.host else c.host, extract]
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc, err, drain = start_openssh(c, extract, stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL)
     except OSError:  # no usable ssh after all: the connection we have
         return _tar_over_channel(c, extract, write_tar, progress)
-    with contextlib.suppress(OSError, AttributeError):  # 1 MiB writes, not the pipe's 64 KiB
-        fcntl.fcntl(proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-    err = bytearray()
-    drain = threading.Thread(target=lambda: err.extend(proc.stderr.read()), daemon=True)
-    drain.start()
     try:
         write_tar(_PipeWriter(proc.stdin, progress))
         proc.stdin.close()

@@ -17,12 +17,14 @@ at a time. The target's ``hostname`` is resolved by the last hop, as ``ssh -J`` 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import posixpath
 import stat
 import shlex
 import socket
+import subprocess
 import threading
 
 import fabric
@@ -434,3 +436,24 @@ def ssh_command_for(c) -> list[str]:
     else:
         argv += ["-o", "ProxyJump=none", "-o", "ProxyCommand=none"]
     return argv
+
+
+def start_openssh(c, command: str, *, stdin, stdout) -> tuple[subprocess.Popen, bytearray,
+                                                               threading.Thread]:
+    """``command`` on ``c``'s host through the local ``ssh`` (:func:`ssh_command_for`),
+    for bulk bytes: ``(process, stderr so far, the thread collecting it — join it after
+    the process ends)``. The pipe we stream through (``stdin`` or ``stdout`` given as
+    ``subprocess.PIPE``) holds 1 MiB, not 64 KiB, where the system allows. Raises
+    OSError when ``ssh`` cannot be started."""
+    argv = ssh_command_for(c) + ["--", f"[{c.host}]" if ":" in c.host else c.host, command]
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    pipe = proc.stdout if stdout == subprocess.PIPE else proc.stdin
+    if pipe is not None:
+        with contextlib.suppress(OSError, AttributeError, ImportError):
+            import fcntl
+            fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    errors = bytearray()
+    drain = threading.Thread(target=lambda: errors.extend(proc.stderr.read()), daemon=True,
+                             name="fabfleet-ssh-stderr")
+    drain.start()
+    return proc, errors, drain
