@@ -24,6 +24,7 @@ hands calls to them and turns everything that can go wrong into errors naming th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import pickle
 import select
@@ -43,7 +44,7 @@ from ..errors import (CommandError, ConnectError, DeadlineError, GpusBusyError, 
                       LocalError, PythonMismatchError, TransferError,
                       host_errors)
 from ..hostside import worker as proto
-from ..ssh import shell
+from ..ssh import mux, shell
 from ..ssh.connect import connect
 from ..ssh.exec import send_all, start_command
 from ..ssh.launch import python_command
@@ -84,7 +85,8 @@ class Hello:
 class Worker:
     """One remote interpreter on one channel; one call at a time."""
 
-    def __init__(self, c, timeout: float, project: str | None = None) -> None:
+    def __init__(self, c, timeout: float, project: str | None = None,
+                 master: mux.Master | None = None) -> None:
         self.c = c
         self.host: Host = c.fleet_host
         self.buf = bytearray()
@@ -97,16 +99,32 @@ class Worker:
         self.healthy = True  # False once its state is unknown: never reuse it then
         with host_errors(self.host.name, f"start a Python worker with {self.host.python}"):
             c.open()
-            self.chan = c.client.get_transport().open_session(timeout=timeout)
             cache = f"~/.cache/fabfleet/cloudpickle-{cloudpickle.__version__}"
-            # The same env as runs: env vars, venv/conda env or the project's venv.
-            command = python_command(
-                self.host, proto, [cloudpickle.__version__, cache, "fabfleet-worker",
-                                   json.dumps({"allowed": self.host.gpus,
-                                               "slots": self.host.tasks_per_gpu})],
-                project=project, unbuffered=True)
-            start_command(self.chan, command.command)
-            send_all(self.chan, command.stdin)  # the worker's source; calls follow
+
+            def command(ack: bool):  # the same env as runs: env vars, venv/conda, project
+                return python_command(
+                    self.host, proto, [cloudpickle.__version__, cache, "fabfleet-worker",
+                                       json.dumps({"allowed": self.host.gpus,
+                                                   "slots": self.host.tasks_per_gpu,
+                                                   "ack": ack})],
+                    project=project, unbuffered=True)
+            self.chan = None
+            if master is not None:  # a session of the laptop's ssh (see fabfleet.ssh.mux)
+                started = command(ack=False)
+                with contextlib.suppress(OSError):
+                    self.chan = master.session(started.command)
+            #: Paramiko channel workers acknowledge each call (a worker dying before that
+            #: is replaced, once); a session's worker found dead is seen before the call
+            #: is sent (:attr:`alive`), so its calls go unacknowledged: one packet less.
+            self.ack = self.chan is None
+            self.via = "paramiko" if self.chan is None else "openssh"
+            if self.chan is None:
+                started = command(ack=True)
+                self.chan = c.client.get_transport().open_session(timeout=timeout)
+                start_command(self.chan, started.command)
+            send_all(self.chan, started.stdin)  # the worker's source; calls follow
+        #: what to wait on for output: a Paramiko channel, or an ssh's stdout and stderr
+        self.waitable = getattr(self.chan, "fds", None)
         deadline = time.monotonic() + timeout
         kind, _, data = self._frame_before(deadline)
         if kind == proto.NEED:
@@ -121,10 +139,23 @@ class Worker:
 
     @property
     def alive(self) -> bool:
+        if self.waitable:  # an idle session's output is empty unless its worker ended
+            return self.healthy and self.chan.idle_and_alive()
         return self.healthy and not self.chan.closed and self.chan.get_transport().is_active()
 
     # -- frames ----------------------------------------------------------------------
     def _send(self, kind: bytes, call_id: int, data: bytes = b"") -> None:
+        if self.waitable:  # a pipe to ssh: one write (the pipe holds 64 KiB or more)
+            try:
+                self.chan.sendall(proto.HEADER.pack(kind, call_id, len(data)) + data
+                                  if len(data) < 65536 else
+                                  proto.HEADER.pack(kind, call_id, len(data)))
+                if len(data) >= 65536:
+                    self.chan.sendall(data)
+                return
+            except (EOFError, OSError) as exc:
+                raise ConnectError(self.host.name, "the worker's session ended while "
+                                   f"sending it data ({exc})") from None
         with host_errors(self.host.name, "send data to the worker"):
             # One packet for header and small data; big data in 1 MiB slices (paramiko's
             # sendall re-slices the rest after every 32 KiB packet: quadratic).
@@ -145,37 +176,79 @@ class Worker:
 
     def _drain_stderr(self) -> None:
         while self.chan.recv_stderr_ready():
-            data = self.chan.recv_stderr(1 << 16)
+            self._stderr(self.chan.recv_stderr(1 << 16))
+            if self.waitable and self.chan.err_eof:
+                return
+
+    def _stderr(self, data: bytes) -> None:
+        if data:
             self.stderr_tail.extend(data)
             del self.stderr_tail[:-8192]
             self._emit("stderr", data)
 
+    def _buffered_frame(self) -> tuple[bytes, int, bytes] | None:
+        if len(self.buf) >= proto.HEADER.size:
+            kind, call_id, n = proto.HEADER.unpack_from(self.buf)
+            end = proto.HEADER.size + n
+            if len(self.buf) >= end:
+                data = bytes(self.buf[proto.HEADER.size:end])
+                del self.buf[:end]
+                return kind, call_id, data
+        return None
+
+    def _died(self) -> WorkerDied:
+        self._drain_stderr()
+        self.healthy = False
+        return WorkerDied(*self._death_reason())
+
     def _poll_frame(self, wait: float) -> tuple[bytes, int, bytes] | None:
         """The next complete frame, or ``None`` if none arrived within ``wait`` seconds.
         Raises :class:`WorkerDied` when the channel ends."""
+        if self.waitable:
+            return self._poll_pipes(wait)
         chan = self.chan
         until = time.monotonic() + wait
         while True:
-            if len(self.buf) >= proto.HEADER.size:
-                kind, call_id, n = proto.HEADER.unpack_from(self.buf)
-                end = proto.HEADER.size + n
-                if len(self.buf) >= end:
-                    data = bytes(self.buf[proto.HEADER.size:end])
-                    del self.buf[:end]
-                    return kind, call_id, data
+            frame = self._buffered_frame()
+            if frame is not None:
+                return frame
             self._drain_stderr()
             if chan.recv_ready():
                 with host_errors(self.host.name, "read from the worker"):
                     self.buf.extend(chan.recv(1 << 20))
                 continue
             if chan.closed or chan.eof_received or not chan.get_transport().is_active():
-                self._drain_stderr()
-                self.healthy = False
-                raise WorkerDied(*self._death_reason())
+                raise self._died()
             left = until - time.monotonic()
             if left <= 0:
                 return None
             select.select([chan], [], [], min(left, POLL))
+
+    def _poll_pipes(self, wait: float) -> tuple[bytes, int, bytes] | None:
+        """:meth:`_poll_frame` for a session of the laptop's ssh: one ``select`` per
+        wake-up; whether it still lives is asked only when nothing arrived."""
+        chan = self.chan
+        until = time.monotonic() + wait
+        while True:
+            frame = self._buffered_frame()
+            if frame is not None:
+                return frame
+            left = until - time.monotonic()
+            ready = select.select(chan.fds, [], [], min(left, POLL) if left > 0 else 0)[0]
+            if chan.err in ready:
+                self._stderr(chan.recv_stderr(1 << 16))  # at its end: no longer waited on
+            if chan.out in ready:
+                with host_errors(self.host.name, "read from the worker"):
+                    data = chan.recv(1 << 20)
+                if data:
+                    self.buf.extend(data)
+                    continue
+            if ready and not chan.eof_received:
+                continue
+            if chan.eof_received or chan.closed or not chan.is_active():
+                raise self._died()
+            if left <= 0:
+                return None
 
     def _frame_before(self, deadline: float) -> tuple[bytes, int, bytes]:
         while True:
@@ -219,6 +292,7 @@ class Worker:
             self._send(proto.DEFINE, define[0], define[1])  # no reply: pipelined with the call
             self.defined.add(define[0])
         self._send(kind, cid, blob)
+        self.acked = not self.ack
         deadline = time.monotonic() + timeout if timeout else None
         stopping: str | None = None   # why we interrupted: "keyboard" | "timeout" | "cancel"
         give_up = 0.0
@@ -361,7 +435,7 @@ class HostPool:
                 for conn in list(self.conns):
                     if not conn.is_connected:
                         self.conns.remove(conn)
-                        conn.close()
+                        _close_connection(conn)
                         continue
                     used = sum(1 for w in self.workers if w.c is conn) + \
                         self.starting.get(id(conn), 0)
@@ -369,8 +443,21 @@ class HostPool:
                         self.starting[id(conn)] = self.starting.get(id(conn), 0) + 1
                         return conn
             conn = connect(self.host)
-            with host_errors(self.host.name, "connect"):
-                conn.open()
+            # The laptop's ssh beside it, for the workers (fabfleet.ssh.mux): started
+            # with the handshake where it records no host key (strict policy), after it
+            # otherwise; never used unless our own connection's checks passed.
+            early = mux.wanted() and self.host.host_key_policy != "accept-new"
+            master = mux.Master(conn) if early else None
+            try:
+                with host_errors(self.host.name, "connect"):
+                    conn.open()
+            except BaseException:
+                if master is not None:
+                    master.close()
+                raise
+            if master is None and mux.wanted():
+                master = mux.Master(conn)
+            conn._fabfleet_master = master
             with self.lock:
                 self.conns.append(conn)
                 self.starting[id(conn)] = 1
@@ -410,7 +497,7 @@ class HostPool:
             conn = self.connection()
             try:
                 w = Worker(conn, timeout=deadlines(self.host).worker_start,
-                           project=self.project)
+                           project=self.project, master=_master_of(conn))
             except BaseException:
                 self.started(conn, None)
                 raise
@@ -475,8 +562,29 @@ class HostPool:
                 w.close()
             self.idle.clear()
             for conn in self.conns:
-                conn.close()
+                _close_connection(conn)
             self.conns.clear()
+
+
+#: How long after it started the workers wait for a connection's ssh master (it shakes
+#: hands beside our own connection, so it is up about when that is); later workers of
+#: a master not up by then use Paramiko channels.
+MUX_WAIT = 1.0
+
+
+def _master_of(conn) -> mux.Master | None:
+    """``conn``'s ssh master once it is up (see :data:`MUX_WAIT`), else ``None``."""
+    master = getattr(conn, "_fabfleet_master", None)
+    if master is None or master.failed is not None:
+        return None
+    return master if master.ready(master.started + MUX_WAIT - time.monotonic()) else None
+
+
+def _close_connection(conn) -> None:
+    master = getattr(conn, "_fabfleet_master", None)
+    if master is not None:
+        master.close()
+    conn.close()
 
 
 _pools: dict[tuple[str, str, str | None], HostPool] = {}

@@ -26,7 +26,9 @@ kind   direction  meaning
 ``I``  → worker   interrupt that call: KeyboardInterrupt in the function; if it is
                   still running after the grace period (the frame's data, seconds),
                   the worker kills its process group and exits
-``A``  ← worker   the call arrived (a worker dying before this is safely replaced)
+``A``  ← worker   the call arrived (a worker dying before this is safely replaced);
+                  not sent when the options say ``"ack": false`` (then the client
+                  treats every call it sent as taken)
 ``O``  ← worker   what the function wrote to ``sys.stdout``, as it writes it
 ``R``  ← worker   what the function wrote to ``sys.stderr``
 ``V``  ← worker   the value: ``cloudpickle.dumps(value)``
@@ -285,9 +287,21 @@ def pin_gpu(options):
     return got[0][1], False
 
 
+def dumps_value(value, cloudpickle, pickle):
+    """The value's pickle: the standard pickler's when it can (a plain value costs it
+    a microsecond, cloudpickle twenty; it refuses anything it would only find by a name
+    that is not this very object), else cloudpickle's (lambdas, classes sent by value)."""
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - PicklingError, AttributeError, TypeError, …
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def main(argv):
     want, cache = argv[0], os.path.expanduser(argv[1])
-    gpu, gpu_busy = pin_gpu(json.loads(argv[3]) if len(argv) > 3 else {})
+    options = json.loads(argv[3]) if len(argv) > 3 else {}
+    ack = options.get("ack", True)
+    gpu, gpu_busy = pin_gpu(options)
     try:  # lead a process group of our own: what kill_group_and_exit kills is ours alone
         if os.getpgid(0) != os.getpid():
             os.setpgid(0, 0)
@@ -327,7 +341,8 @@ def main(argv):
                 functions[call_id] = blob  # unpickled on first use, in the call's context
                 continue
             state.current = call_id
-        chan.send(ACK, call_id)  # from here on the call may have effects
+        if ack:  # from here on the call may have effects
+            chan.send(ACK, call_id)
         out, err = Output(chan, STDOUT, call_id), Output(chan, STDERR, call_id)
         try:
             if kind == CHUNK:
@@ -350,7 +365,7 @@ def main(argv):
                 sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
                 out.flush()
                 err.flush()
-            reply = (VALUE, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+            reply = (VALUE, dumps_value(value, cloudpickle, pickle))
         except BaseException as exc:  # noqa: BLE001 - everything goes back as text
             if os.getpid() != chan.pid:
                 os._exit(0)
