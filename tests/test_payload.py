@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -140,7 +141,23 @@ def test_cloudpickle_is_shipped_and_cached(inv, fleet):
     assert listing == ["bytecode", f"cloudpickle-{cloudpickle.__version__}"]
 
 
-def test_dead_worker_is_replaced_transparently(inv):
+@pytest.fixture(params=["openssh", "paramiko"])
+def worker_path(request, monkeypatch):
+    """Workers as sessions of the laptop's ssh (the default where it has one), or as
+    Paramiko channels (FABFLEET_OPENSSH=0, or no ssh): both must keep every promise."""
+    fabfleet.close_workers()
+    monkeypatch.setenv("FABFLEET_OPENSSH", "1" if request.param == "openssh" else "0")
+    yield request.param
+    fabfleet.close_workers()
+
+
+def local_masters() -> set[str]:
+    """Our ssh masters running on this machine (their command lines name the socket)."""
+    out = subprocess.run(["pgrep", "-f", "[f]abfleet-mux-"], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def test_dead_worker_is_replaced_transparently(inv, worker_path):
     host = inv["ws2"]
     first = fabfleet.call_on_host(host, fabfleet.host.payload.dumps_call(__import__("os").getpid))
     with inv.connect("ws2") as c:
@@ -150,7 +167,7 @@ def test_dead_worker_is_replaced_transparently(inv):
     assert second != first
 
 
-def test_worker_dying_during_a_call_is_reported_not_retried(inv, tmp_path):
+def test_worker_dying_during_a_call_is_reported_not_retried(inv, tmp_path, worker_path):
     marker = f"/tmp/fabfleet-ran-{time.time_ns()}"
 
     def crash():
@@ -166,12 +183,47 @@ def test_worker_dying_during_a_call_is_reported_not_retried(inv, tmp_path):
     assert run_payload(inv.connect("ws1"), pf.fibonacci, 6) == 8  # next call: fresh worker
 
 
-def test_warm_calls_reuse_connection_and_worker(inv):
+def test_warm_calls_reuse_connection_and_worker(inv, worker_path):
     c = inv.connect("ws1")
+    before = local_masters()
     pids = {run_payload(c, __import__("os").getpid) for _ in range(20)}
     assert len(pids) == 1
     pool = fabfleet.host.pool.pool_for(inv["ws1"])
     assert len(pool.conns) == 1 and len(pool.idle) == 1
+    assert pool.idle[0].via == worker_path
+    master = getattr(pool.conns[0], "_fabfleet_master", None)
+    if worker_path == "paramiko":
+        assert master is None and local_masters() == before
+        return
+    # the master's socket: in a directory only we may enter, the socket only ours
+    assert os.stat(master.private).st_mode & 0o777 == 0o700
+    assert os.stat(master.path).st_uid == os.getuid()
+    assert local_masters() - before
+    fabfleet.close_workers()  # the master, its socket and the remote worker go with it
+    assert not os.path.exists(master.private) and master.proc is None
+    assert local_masters() <= before
+    with inv.connect("ws1") as conn:
+        assert execute(conn, "pgrep -f '[f]abfleet-worker' -u dev | wc -l").stdout.strip() \
+            == "0"
+
+
+def test_an_ssh_that_refuses_the_host_leaves_workers_on_paramiko(inv, monkeypatch, tmp_path):
+    """The laptop's ssh refuses what our own checks accepted (an older ssh, a stricter
+    ssh_config, a key ssh cannot use): the calls still run, on Paramiko channels, and
+    nothing of the failed ssh lingers. Never a connection with weaker checks."""
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'Host key verification failed.' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    fabfleet.close_workers()
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    assert run_payload(inv.connect("ws2"), pf.fibonacci, 10) == 55
+    pool = fabfleet.host.pool.pool_for(inv["ws2"])
+    assert [w.via for w in pool.idle] == ["paramiko"]
+    master = pool.conns[0]._fabfleet_master
+    assert master.failed == "ssh exited with 255: Host key verification failed."
+    fabfleet.close_workers()
+    assert not os.path.exists(master.private)
 
 
 def test_map_keeps_order_spreads_and_reports_item_errors(inv):

@@ -214,7 +214,8 @@ def test_frozen_host_during_map_other_hosts_finish(fleet, inv):
     assert elapsed < 30
 
 
-def test_ctrl_c_stops_the_remote_function_and_reraises(fleet, inv, tmp_path):
+@pytest.mark.parametrize("to", ["process", "terminal group"])
+def test_ctrl_c_stops_the_remote_function_and_reraises(fleet, inv, tmp_path, to):
     s = script(tmp_path, fleet, """
         import time
         from fabfleet import Inventory, remote
@@ -233,10 +234,14 @@ def test_ctrl_c_stops_the_remote_function_and_reraises(fleet, inv, tmp_path):
         print(after(), flush=True)
     """)
     proc = subprocess.Popen([sys.executable, str(s)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
     assert proc.stdout.readline() == "started\n"
     assert workers_on(inv, "gpu1") == 1
-    proc.send_signal(signal.SIGINT)
+    if to == "process":
+        proc.send_signal(signal.SIGINT)
+    else:  # as a terminal does: every process of the group (not our ssh sessions)
+        os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert out == "interrupted\nworks\n", err
     assert wait_until(lambda: workers_on(inv, "gpu1") == 0, 10)
@@ -251,6 +256,8 @@ def test_killed_client_leaves_no_remote_worker(fleet, inv, tmp_path):
             time.sleep(60)
         Inventory.load(INVENTORY).select(host="ws1,gpu1").map(busy, range(10))
     """)
+    masters = subprocess.run(["pgrep", "-f", "[f]abfleet-mux-"], capture_output=True,
+                             text=True).stdout.split()
     proc = subprocess.Popen([sys.executable, str(s)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     seen = set()
@@ -264,6 +271,10 @@ def test_killed_client_leaves_no_remote_worker(fleet, inv, tmp_path):
     proc.kill()
     proc.wait()
     assert wait_until(lambda: workers_on(inv, "ws1") + workers_on(inv, "gpu1") == 0, 10)
+    # and its ssh masters on this machine ended with their sessions
+    assert wait_until(lambda: set(subprocess.run(
+        ["pgrep", "-f", "[f]abfleet-mux-"], capture_output=True, text=True).stdout.split())
+        <= set(masters), 10)
 
 
 def test_a_gpu_host_whose_gpus_are_all_busy_hands_its_items_to_the_others(fleet, inv):
