@@ -93,6 +93,12 @@ def deadlines(host: Any) -> Deadlines:
     )
 
 
+#: How long after it started payload workers wait for a connection's ssh master (it
+#: shakes hands beside our own connection, so it is up about when that is); workers
+#: of a master not up by then use Paramiko channels.
+MUX_WAIT = 1.0
+
+
 def table() -> list[tuple[str, str]]:
     """``(wait, bound)`` rows for the README: every wait and how it is bounded."""
     return [
@@ -104,6 +110,8 @@ def table() -> list[tuple[str, str]]:
         ("rsync with no data moving", f"{KEEPALIVE_INTERVAL:g} s + 2 × `connect_timeout` + 30 s"),
         ("check-env / top, per host", f"3 × `connect_timeout` + {QUICK_COMMAND:g} s"),
         ("a payload worker starting", "3 × `connect_timeout` (at least 30 s)"),
+        ("the ssh master for payload workers coming up", "3 × `connect_timeout`, then "
+         f"unused; workers wait for it {MUX_WAIT:g} s from its start, later ones not at all"),
         ("a short remote command (mkdir, runner sub-commands)", f"{QUICK_COMMAND:g} s"),
         ("listing, cleaning, checksumming a tree", f"{TREE_COMMAND:g} s"),
         ("setup-workdir --requirements", f"{INSTALL:g} s"),

@@ -1,8 +1,11 @@
 """Pooled remote Python workers: one SSH connection per host, up to ``max_jobs`` workers.
 
 A worker is :mod:`fabfleet.hostside.worker`'s source, run by the host's Python inside its
-env (:func:`fabfleet.ssh.launch.python_command`) on one SSH channel; a warm call costs one channel round trip. This module starts workers,
-hands calls to them and turns everything that can go wrong into errors naming the host:
+env (:func:`fabfleet.ssh.launch.python_command`) on one session: a session of the
+laptop's ``ssh`` beside our connection where it has one (:mod:`fabfleet.ssh.mux`: a call
+crosses a pipe and ssh's C packet loop), a Paramiko channel otherwise; a warm call costs
+one round trip either way. This module starts workers, hands calls to them and turns
+everything that can go wrong into errors naming the host:
 
 * **deadlines**: ``timeout=`` interrupts the function on the host, waits
   :data:`INTERRUPT_GRACE` seconds for it to stop (the worker kills it after that), then
@@ -37,7 +40,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..config.deadlines import INTERRUPT_GRACE, deadlines
+from ..config.deadlines import INTERRUPT_GRACE, MUX_WAIT, deadlines
 from ..config.inventory import Host
 from ..config.settings import current_project_name
 from ..errors import (CommandError, ConnectError, DeadlineError, GpusBusyError, HostError,
@@ -564,12 +567,6 @@ class HostPool:
             for conn in self.conns:
                 _close_connection(conn)
             self.conns.clear()
-
-
-#: How long after it started the workers wait for a connection's ssh master (it shakes
-#: hands beside our own connection, so it is up about when that is); later workers of
-#: a master not up by then use Paramiko channels.
-MUX_WAIT = 1.0
 
 
 def _master_of(conn) -> mux.Master | None:

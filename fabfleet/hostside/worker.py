@@ -31,7 +31,8 @@ kind   direction  meaning
                   treats every call it sent as taken)
 ``O``  ← worker   what the function wrote to ``sys.stdout``, as it writes it
 ``R``  ← worker   what the function wrote to ``sys.stderr``
-``V``  ← worker   the value: ``cloudpickle.dumps(value)``
+``V``  ← worker   the value: ``pickle.dumps(value)``, or cloudpickle's where the
+                  standard pickler refuses it (see :func:`dumps_value`)
 ``E``  ← worker   the function raised: JSON {type, message, traceback, frames} — text,
                   never a pickled exception (which may not unpickle on the client)
 =====  =========  ============================================================
